@@ -1,0 +1,1 @@
+"""peftjax: parameter-efficient fine-tuning of language models in JAX / Flax NNX."""

@@ -1,0 +1,209 @@
+"""A Llama decoder in Flax NNX (Touvron et al. 2023; SmolLM2 uses this architecture).
+
+    h_0     = E[ids]
+    a       = h + o_proj(Attn(RoPE(q_proj(RMSNorm(h))), RoPE(k_proj(.)), v_proj(.)))     grouped-query attention
+    h'      = a + down_proj(silu(gate_proj(RMSNorm(a))) * up_proj(RMSNorm(a)))          SwiGLU MLP
+    logits  = RMSNorm(h_L) @ E^T                                                      tied embeddings
+
+RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g. RoPE rotates pairs (i, i + d/2) of each head by angle
+pos * theta^(-2i/d) (the "rotate half" layout of Hugging Face checkpoints).
+
+Every linear layer sees 2-D activations (tokens, features): on CPU, XLA runs those matmuls about twice as fast,
+forward and backward, as the same work on (batch, time, features). Weights are stored (d_in, d_out) so that
+``y = x @ W``. Module paths follow Hugging Face names (``layers.3.self_attn.q_proj``) so that rules and adapters
+written for HF PEFT name the same modules here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_position: int = 2048
+    tie_embeddings: bool = True
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A small random-weight configuration for unit tests (same code paths as the real model)."""
+        base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_eps=1e-5, max_position=256)
+        base.update(overrides)
+        return cls(**base)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b), W of shape (d_in, d_out), a frozen base weight unless surgery re-types it."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool = False, dtype=jnp.float32):
+        self.d_in, self.d_out = d_in, d_out
+        init = nnx.initializers.normal(0.02)
+        self.weight = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def kernel(self, dtype) -> jax.Array:
+        """The dense weight in ``dtype``; quantized subclasses dequantize here, inside the traced matmul."""
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, hd)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    return x_BTNH * cos + rotated * sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding; ``length`` positions are filled."""
+
+    keys: list[jax.Array]  # per layer (B, S_max, K, hd)
+    values: list[jax.Array]
+    length: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(keys=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+                   values=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+                   length=jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, rngs=rngs, dtype=dtype)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None):
+        B, T = shape_BT
+        q = apply_rope(self.q_proj(x_ND).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim)
+        new_kv = None
+        if cache_kv is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
+            q_pos = cache_length + jnp.arange(T)
+            mask = jnp.arange(ck.shape[1])[None, :] <= q_pos[:, None]  # (T, S): causal over the filled cache
+            out = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None])
+            new_kv = (ck, cv)
+        return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        c = config
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_ND):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+        self.self_attn = Attention(config, rngs=rngs, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, h_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(h_ND), shape_BT, cos, sin, cache_kv, cache_length)
+        h_ND = h_ND + attn
+        return h_ND + self.mlp(self.post_attention_layernorm(h_ND)), new_kv
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, dim), dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0)
+
+    def attend(self, h_ND):
+        """Tied output head: logits = h @ E^T."""
+        return h_ND @ self.weight[...].astype(h_ND.dtype).T
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if not config.tie_embeddings:
+            raise NotImplementedError("untied output heads are not supported yet")
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+
+    def hidden_states(self, ids_BT: jax.Array, *, cache: KVCache | None = None,
+                      compute_dtype=jnp.float32) -> tuple[jax.Array, KVCache | None]:
+        """Final normed hidden states as (B*T, D), and the updated cache when one is given."""
+        B, T = ids_BT.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.embed_tokens(ids_BT.reshape(B * T)).astype(compute_dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            h, new_kv = layer(h, (B, T), cos, sin, kv, start)
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
+        new_cache = None if cache is None else KVCache(new_keys, new_values, cache.length + T)
+        return self.norm(h), new_cache
+
+    def logits(self, h_ND: jax.Array) -> jax.Array:
+        return self.embed_tokens.attend(h_ND).astype(jnp.float32)
+
+    def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32):
+        """Logits (B, T, V) in float32 (and the new cache when decoding with one)."""
+        B, T = ids_BT.shape
+        h, new_cache = self.hidden_states(ids_BT, cache=cache, compute_dtype=compute_dtype)
+        logits = self.logits(h).reshape(B, T, -1)
+        return logits if cache is None else (logits, new_cache)

@@ -1,0 +1,90 @@
+"""Byte-level BPE tokenizer built with the ``tokenizers`` library from a GGUF vocabulary (or a tokenizer.json).
+
+SmolLM2's tokenizer splits digits one by one, then applies GPT-2 byte-level pre-tokenization and BPE merges. The
+GGUF file stores the byte-level token strings, their merges and types (type 3 = control tokens such as
+``<|im_start|>``), and the chat template.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+from peftjax.errors import PeftjaxError
+
+CONTROL_TOKEN_TYPE = 3
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's special ids and chat template."""
+
+    def __init__(self, backend: HFTokenizer, *, bos_id: int | None, eos_id: int | None,
+                 chat_template: str | None = None):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens added."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """Render chat ``messages`` ([{"role": ..., "content": ...}]) with the model's Jinja chat template."""
+        if not self.chat_template:
+            raise PeftjaxError("this tokenizer has no chat template; use a model that ships one")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(messages=messages,
+                                                          add_generation_prompt=add_generation_prompt)
+
+    @classmethod
+    def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
+        if fields.get("tokenizer.ggml.model") != "gpt2":
+            raise PeftjaxError(f"GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} is not supported; "
+                               "only byte-level BPE ('gpt2') tokenizers are")
+        tokens = fields["tokenizer.ggml.tokens"]
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                         fuse_unk=False, byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == CONTROL_TOKEN_TYPE])
+        return cls(backend, bos_id=fields.get("tokenizer.ggml.bos_token_id"),
+                   eos_id=fields.get("tokenizer.ggml.eos_token_id"),
+                   chat_template=fields.get("tokenizer.chat_template"))
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> "Tokenizer":
+        import json
+
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise PeftjaxError(f"{path} has no tokenizer.json; a Hugging Face model directory needs one")
+        backend = HFTokenizer.from_file(str(file))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+
+        def token_id(key):
+            tok = cfg.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return backend.token_to_id(tok) if tok else None
+
+        return cls(backend, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
+                   chat_template=cfg.get("chat_template"))

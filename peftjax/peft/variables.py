@@ -1,0 +1,42 @@
+"""Trainability is a variable type, not a name.
+
+``split(model)`` partitions a model by these types: every :class:`Trainable` variable goes to the optimizer, every
+other variable (base weights as ``nnx.Param``, quantized weights as :class:`Quantized`) is frozen and never
+differentiated. Adapter methods add :class:`Adapter` subtypes; full or selective fine-tuning re-types chosen base
+weights as :class:`Tuned`.
+
+None of these subclass ``nnx.Param``, so a ``Param`` filter never matches an adapter by accident.
+"""
+from flax import nnx
+
+
+class Trainable(nnx.Variable):
+    """Anything the optimizer updates."""
+
+
+class Adapter(Trainable):
+    """Parameters added by a PEFT method."""
+
+
+class LoRA(Adapter):
+    """Low-rank factors A (d_in x r) and B (r x d_out) of LoRA and its variants."""
+
+
+class Prompt(Adapter):
+    """Virtual-token embeddings of prompt tuning."""
+
+
+class Prefix(Adapter):
+    """Per-layer key/value prefixes of prefix tuning."""
+
+
+class IA3(Adapter):
+    """Learned rescaling vectors of IA3."""
+
+
+class Tuned(Trainable):
+    """A base weight that full or selective fine-tuning trains in place."""
+
+
+class Quantized(nnx.Variable):
+    """A frozen base weight stored as a :class:`peftjax.quant.QArray` (packed codes and scales)."""
