@@ -88,3 +88,13 @@ class Tokenizer:
 
         return cls(backend, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
                    chat_template=cfg.get("chat_template"))
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A 256-token byte-level tokenizer (no merges) for tiny random-weight test models; id 0 doubles as EOS."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, bos_id=None, eos_id=0)

@@ -1,0 +1,193 @@
+"""Typed run configuration: dataclasses loaded from YAML, dotted ``--set a.b=value`` overrides, validation.
+
+Unknown keys are errors that name the key and suggest the nearest valid one; values are type-checked before any
+work starts. ``to_dict(config)`` gives the resolved config that a run directory records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftjax.errors import PeftjaxError
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "smollm2"  # "smollm2", a .gguf path, a Hugging Face directory, or "tiny" (random weights)
+    num_layers: int | None = None  # keep only the first N decoder layers (CPU-sized experiments); None = all
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+
+@dataclasses.dataclass(kw_only=True)
+class PeftConfig:
+    method: str = "lora"  # a registered method: lora, full, ...
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str | list[str] = "all-linear"
+    rslora: bool = False
+
+
+@dataclasses.dataclass(kw_only=True)
+class QuantConfig:
+    format: str | None = None  # None keeps the base in param_dtype; "nf4" with LoRA is QLoRA
+    block_size: int | None = 64
+    double_quant: bool = False
+    targets: str | list[str] = "all-linear"
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "shakespeare"  # "shakespeare" (pinned asset) or "files"
+    files: list[str] = dataclasses.field(default_factory=list)  # text files when dataset == "files"
+    seq_len: int = 256
+    eval_docs: int = 2  # documents (plays) held out for evaluation, chosen by a hash of their names
+    max_eval_blocks: int = 16
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_batch_size: int = 8
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def _type_ok(value: Any, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise PeftjaxError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise PeftjaxError(f"unknown config key {prefix}{key}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            continue
+        if not _type_ok(value, tp):
+            raise PeftjaxError(f"config key {prefix}{key} must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PeftjaxError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ("a.b", value parsed as YAML: numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise PeftjaxError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_dict(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PeftjaxError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PeftjaxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PeftjaxError(f"{path} must hold a mapping of config sections")
+    return data
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    config = _build(RunConfig, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need more than types; every failure names the key."""
+    from peftjax.peft import registered_methods
+
+    checks = [
+        (config.peft.method in registered_methods(),
+         f"peft.method {config.peft.method!r} is unknown; registered methods: {', '.join(registered_methods())}"),
+        (config.peft.rank >= 1, f"peft.rank must be >= 1, got {config.peft.rank}"),
+        (config.data.seq_len >= 2, f"data.seq_len must be >= 2, got {config.data.seq_len}"),
+        (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
+        (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),
+        (config.train.learning_rate > 0, f"train.learning_rate must be > 0, got {config.train.learning_rate}"),
+        (config.data.dataset in ("shakespeare", "files"),
+         f"data.dataset must be 'shakespeare' or 'files', got {config.data.dataset!r}"),
+        (config.data.dataset != "files" or config.data.files, "data.files is empty; list text files to train on"),
+        (config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
+        (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype must be float32 or bfloat16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PeftjaxError(message)
+    for f in config.data.files:
+        if not Path(f).exists():
+            raise PeftjaxError(f"data file {f} not found (data.files)")
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

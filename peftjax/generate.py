@@ -1,0 +1,45 @@
+"""Autoregressive decoding with a KV cache: one jitted prefill, then one jitted step per new token."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models.llama import KVCache
+
+
+@nnx.jit
+def _prefill(model, ids_BT, cache):
+    logits, cache = model(ids_BT, cache=cache)
+    return logits[:, -1], cache
+
+
+@nnx.jit
+def _decode_step(model, ids_B1, cache):
+    logits, cache = model(ids_B1, cache=cache)
+    return logits[:, -1], cache
+
+
+def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
+                    temperature: float = 0.0, seed: int = 0) -> list[int]:
+    """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
+    cache = KVCache.empty(model.config, 1, len(prompt_ids) + max_new_tokens)
+    logits, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache)
+    key = jax.random.key(seed)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            key, sub = jax.random.split(key)
+            nxt = int(jax.random.categorical(sub, logits[0] / temperature))
+        else:
+            nxt = int(jnp.argmax(logits[0]))
+        out.append(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+        logits, cache = _decode_step(model, jnp.asarray([[nxt]], jnp.int32), cache)
+    return out
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, **kw) -> str:
+    ids = greedy_generate(model, tokenizer.encode(prompt), max_new_tokens, eos_id=tokenizer.eos_id, **kw)
+    return tokenizer.decode(ids, skip_special_tokens=True)

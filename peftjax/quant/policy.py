@@ -1,0 +1,60 @@
+"""Post-training quantization of a model's linear layers by policy: ordered regex rules -> format.
+
+Each rule names module paths (see :mod:`peftjax.rules`) and a quantization spec; the first matching rule wins and
+unmatched modules stay in high precision. Only linear layers are candidates, so embeddings, norms and the tied
+output head stay in full precision unless a future rule type says otherwise.
+
+A quantized layer stores its weight as a :class:`~peftjax.quant.QArray` inside a frozen
+:class:`~peftjax.peft.variables.Quantized` variable and dequantizes it inside the traced matmul, where XLA fuses
+the unpacking into the computation that consumes it (QLoRA's storage/compute split).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from peftjax.models.llama import Linear
+from peftjax.peft.variables import Quantized
+from peftjax.quant import dequantize, quantize
+from peftjax.rules import as_patterns, match_rules, modules_of_type, set_at_path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """One policy rule: which modules, and how to store their weights."""
+
+    targets: str | tuple[str, ...] = "all-linear"
+    format: str = "nf4"
+    block_size: int | None = 64
+    double_quant: bool = False
+
+
+class QuantizedLinear(Linear):
+    """A linear layer whose frozen weight is stored quantized and dequantized on the fly."""
+
+    def __init__(self, base: Linear, spec: QuantSpec, *, name: str = "weight"):
+        self.d_in, self.d_out = base.d_in, base.d_out
+        self.format = spec.format
+        self.weight = Quantized(quantize(base.weight[...], spec.format, block_size=spec.block_size,
+                                         double_quant=spec.double_quant, name=name))
+        self.bias = base.bias
+
+    def kernel(self, dtype) -> jax.Array:
+        return dequantize(self.weight.get_value(), dtype)
+
+
+def quantize_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
+    """A new model whose linear layers matched by ``rules`` are quantized (first matching rule wins)."""
+    model = nnx.clone(model)
+    linears = {p: m for p, m in modules_of_type(model, Linear).items() if not isinstance(m, QuantizedLinear)}
+    patterns, owners = [], []
+    for i, rule in enumerate(rules):
+        for pattern in as_patterns(rule.targets):
+            patterns.append(pattern)
+            owners.append(i)
+    matched = match_rules(linears, patterns, what="quantization")
+    for path, k in matched.items():
+        set_at_path(model, path, QuantizedLinear(linears[path], rules[owners[k]], name=path))
+    return model
