@@ -92,6 +92,17 @@ def _type_ok(value: Any, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _coerce_float(value: Any, tp) -> Any:
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; accept it where the key wants a float."""
+    wants_float = tp is float or float in typing.get_args(tp)
+    if wants_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -108,6 +119,7 @@ def _build(cls, data: dict, prefix: str):
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(fields)}"
             raise PeftjaxError(f"unknown config key {prefix}{key}{hint}")
         tp = hints[key]
+        value = _coerce_float(value, tp)
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
             continue

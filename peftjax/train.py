@@ -133,7 +133,7 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32):
         loss, grads = jax.value_and_grad(lm_loss, argnums=1)(graphdef, trainable, frozen, blocks, compute_dtype)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
 

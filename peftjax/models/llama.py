@@ -61,7 +61,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel(x.dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = y + self.bias[...].astype(x.dtype)[None, :]
         return y
 
 
@@ -73,12 +73,12 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.weight[...].astype(jnp.float32)[None, :]).astype(x.dtype)
 
 
 def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (B, T, hd/2)
     angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, hd)
     return jnp.cos(angles), jnp.sin(angles)
 

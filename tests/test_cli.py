@@ -1,0 +1,77 @@
+"""The CLI end to end on a tiny model, and its answers to bad input: one line, exit 2, nothing written."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["--set", "model.name=tiny", "--set", "data.seq_len=32", "--set", "train.batch_size=2",
+        "--set", "data.max_eval_blocks=4", "--no-progress"]
+PLAY = "Enter two lords.\nFIRST LORD. What news, my lord?\nSECOND LORD. The king is dead; long live the king.\n"
+
+
+def peftjax(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def config(tmp_path):
+    """A tiny-model config over three small local 'plays' (one held out)."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"play{i}.txt")
+        files[-1].write_text(PLAY * 8)
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\npeft: {method: lora, rank: 4}\ntrain: {steps: 4, learning_rate: 0.01}\n"
+                    f"data: {{dataset: files, eval_docs: 1, files: [{', '.join(map(str, files))}]}}\n")
+    return path
+
+
+def test_train_writes_run_directory(tmp_path, config):
+    out = tmp_path / "run"
+    proc = peftjax("train", str(config), *TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("method", "rank", "quant", "trainable_params", "total_params", "frozen_bytes", "trainable_bytes",
+                "peak_rss_bytes", "median_step_s", "tokens_per_s", "eval_loss_before", "eval_loss_after", "steps",
+                "wall_s"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and summary["method"] == "lora" and summary["rank"] == 4
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert "rank: 4" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train.stepz=3"], "unknown config key train.stepz; did you mean train.steps?"),
+    (["--set", "peft.targets=[qkv_proj]"], "LoRA target rule 'qkv_proj' matches no module; available paths:"),
+    (["--set", "peft.rank=1000"], "LoRA rank 1000 is larger than"),
+    (["--set", "data.dataset=files", "--set", "data.files=[/nonexistent/plays.txt]"],
+     "data file /nonexistent/plays.txt not found"),
+    (["--set", "train.steps=ten"], "config key train.steps must be int"),
+    (["--set", "peft.method=lorax"], "peft.method 'lorax' is unknown; registered methods:"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, config, extra, message):
+    out = tmp_path / "run"
+    proc = peftjax("train", str(config), *TINY, *extra, "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftjax: error: "), proc.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_missing_config_file(tmp_path):
+    proc = peftjax("train", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "config file" in proc.stderr and "not found" in proc.stderr
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, config):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = peftjax("train", str(config), *TINY, "--out", str(out))
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "precious"

@@ -1,0 +1,35 @@
+"""Typed YAML configs, overrides, sweep expansion."""
+import pytest
+
+from peftjax.config import from_dict
+from peftjax.errors import PeftjaxError
+from peftjax.sweep import expand, point_name
+
+
+def test_overrides_are_typed():
+    c = from_dict({"peft": {"rank": 4}}, ["peft.rank=16", "train.learning_rate=3e-4", "quant.format=nf4",
+                                          "peft.targets=[q_proj, v_proj]"])
+    assert c.peft.rank == 16 and c.train.learning_rate == 3e-4 and c.quant.format == "nf4"
+    assert c.peft.targets == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(PeftjaxError, match=r"unknown config key peft\.rnak; did you mean peft\.rank\?"):
+        from_dict({"peft": {"rnak": 4}})
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(PeftjaxError, match=r"config key train\.batch_size must be int, got 'four'"):
+        from_dict({"train": {"batch_size": "four"}})
+
+
+def test_sweep_zip_and_grid():
+    points = expand({"zip": {"name": ["lora", "qlora"], "quant.format": [None, "nf4"]},
+                     "grid": {"train.seed": [0, 1]}})
+    assert len(points) == 4
+    assert [point_name(p) for p in points] == ["lora,format=None,seed=0", "lora,format=None,seed=1",
+                                               "qlora,format=nf4,seed=0", "qlora,format=nf4,seed=1"]
+    with pytest.raises(PeftjaxError, match="equal lengths"):
+        expand({"zip": {"a": [1], "b": [1, 2]}})
+    with pytest.raises(PeftjaxError, match="non-empty list"):
+        expand({"grid": {"a": []}})

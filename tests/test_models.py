@@ -1,0 +1,77 @@
+"""The Llama decoder: cache consistency on a tiny model, and parity with transformers on the real SmolLM2."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax.generate import greedy_generate
+from peftjax.models import KVCache
+from tests.conftest import fixture_path
+from tests.helpers import random_blocks, tiny_model
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = tiny_model()
+    ids = random_blocks(2, 12)
+    full = model(ids)
+    cache = KVCache.empty(model.config, 2, 16)
+    prefix_logits, cache = model(ids[:, :7], cache=cache)
+    steps = [prefix_logits]
+    for t in range(7, 12):
+        logits, cache = model(ids[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+    assert int(cache.length) == 12
+
+
+def test_forward_is_causal():
+    model = tiny_model()
+    ids = random_blocks(1, 10)
+    changed = ids.at[0, 6].set((ids[0, 6] + 1) % 256)
+    a, b = model(ids), model(changed)
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
+    assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from peftjax.models import from_pretrained
+
+    return from_pretrained("smollm2")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads(fixture_path("smollm2_reference.json").read_text())
+
+
+@pytest.mark.slow
+def test_smollm2_parity_with_transformers(smollm2, reference):
+    model, tokenizer = smollm2
+    for case in reference["cases"]:
+        assert tokenizer.encode(case["prompt"]) == case["ids"], case["prompt"]
+        logits = model(jnp.asarray([case["ids"]]))
+        diff = np.abs(np.asarray(logits[0, -1]) - np.asarray(case["last_logits"], np.float32)).max()
+        assert diff < 1e-3, f"{case['prompt']!r}: last-position logits differ by {diff}"
+        logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+        mean_logprob = float(jnp.take_along_axis(logp, jnp.asarray(case["ids"][1:])[:, None], axis=1).mean())
+        assert abs(mean_logprob - case["mean_logprob"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_continuations(smollm2, reference):
+    model, tokenizer = smollm2
+    for case in reference["cases"]:
+        new = greedy_generate(model, case["ids"], len(case["greedy_ids"]))
+        assert new == case["greedy_ids"], case["prompt"]
+        assert tokenizer.decode(new) == case["greedy_text"]
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template(smollm2):
+    _, tokenizer = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.encode("<|im_start|>") == [tokenizer.bos_id]

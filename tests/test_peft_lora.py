@@ -1,0 +1,93 @@
+"""LoRA: closed form, zero-initialised identity, gradients only for the adapter, surgery errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from peftjax import partition, peft
+from peftjax.errors import PeftjaxError
+from peftjax.peft import LoRAConfig, LoRALinear
+from peftjax.peft.variables import LoRA
+from peftjax.train import lm_loss
+from tests.helpers import random_blocks, tiny_model
+
+
+def test_lora_closed_form():
+    model = peft.apply(tiny_model(), LoRAConfig(rank=4, alpha=8.0, targets=("q_proj",)))
+    layer = model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    key_b, key_x = jax.random.split(jax.random.key(1))
+    layer.lora_b.set_value(jax.random.normal(key_b, layer.lora_b.shape))
+    x = jax.random.normal(key_x, (5, layer.d_in))
+    W, A, B = layer.base.weight[...], layer.lora_a[...], layer.lora_b[...]
+    expected = x @ W + (8.0 / 4) * (x @ A @ B)  # y = W x + (alpha/r) B A x, in row-vector form
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scale():
+    model = peft.apply(tiny_model(), LoRAConfig(rank=4, alpha=8.0, rslora=True, targets=("v_proj",)))
+    assert model.layers[1].self_attn.v_proj.scale == pytest.approx(8.0 / 2.0)
+
+
+def test_zero_initialised_adapter_leaves_output_unchanged():
+    base = tiny_model()
+    ids = random_blocks(2, 9)
+    adapted = peft.apply(base, LoRAConfig(rank=8))
+    np.testing.assert_array_equal(base(ids), adapted(ids))
+
+
+def test_apply_returns_new_model_and_leaves_base_alone():
+    base = tiny_model()
+    adapted = peft.apply(base, LoRAConfig(rank=2))
+    assert not isinstance(base.layers[0].mlp.up_proj, LoRALinear)
+    assert isinstance(adapted.layers[0].mlp.up_proj, LoRALinear)
+
+
+def test_all_linear_targets_every_projection():
+    model = peft.apply(tiny_model(), LoRAConfig(rank=2))
+    _, trainable, _ = partition.split(model)
+    paths = {".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(trainable)}
+    assert len(paths) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    # 50x50 seed example of the parameter cut: r=2 trains 2*50*2 = 200 instead of 2500
+    assert 2 * 50 * 2 == 200 and 1 - 200 / 2500 == pytest.approx(0.92)
+
+
+def test_gradients_only_for_trainable_tree():
+    model = peft.apply(tiny_model(), LoRAConfig(rank=4))
+    graphdef, trainable, frozen = partition.split(model)
+    assert all(isinstance(v, LoRA) for _, v in nnx.to_flat_state(trainable))
+    assert not any(isinstance(v, LoRA) for _, v in nnx.to_flat_state(frozen))
+    blocks = random_blocks(2, 9)
+    grads = jax.grad(lm_loss, argnums=1)(graphdef, trainable, frozen, blocks)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    # B starts at zero, so only dL/dB is non-zero on the first step; A's gradient is exactly zero
+    flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
+    assert all(float(jnp.abs(g).max()) > 0 for k, g in flat.items() if k.endswith("lora_b"))
+    assert all(float(jnp.abs(g).max()) == 0 for k, g in flat.items() if k.endswith("lora_a"))
+    # the frozen base is a constant of the differentiated function: its weights never appear as jaxpr outputs
+    jaxpr = jax.make_jaxpr(jax.grad(lm_loss, argnums=1))(graphdef, trainable, frozen, blocks)
+    assert len(jaxpr.jaxpr.outvars) == len(jax.tree.leaves(trainable))
+
+
+def test_rule_matching_nothing_lists_paths():
+    with pytest.raises(PeftjaxError, match=r"matches no module; available paths: layers\.0\."):
+        peft.apply(tiny_model(), LoRAConfig(targets=("qkv_proj",)))
+
+
+def test_rank_larger_than_layer_allows():
+    with pytest.raises(PeftjaxError, match=r"rank 100 is larger than layers\.0\..* allows"):
+        peft.apply(tiny_model(), LoRAConfig(rank=100))
+
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(PeftjaxError, match="registered methods: full, lora"):
+        peft.get_method("lorax")
+
+
+def test_full_fine_tuning_trains_every_parameter():
+    base = tiny_model()
+    model = peft.apply(base, peft.FullConfig())
+    _, trainable, frozen = partition.split(model)
+    assert partition.param_count(trainable) == partition.param_count(nnx.state(base))
+    assert jax.tree.leaves(frozen) == []
