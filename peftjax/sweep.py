@@ -33,13 +33,22 @@ def expand(section: dict | None) -> list[dict]:
         raise PeftjaxError(f"sweep.zip lists must have equal lengths, got {sorted(lengths)}")
     zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] if zipped else [{}]
     grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())] if grid else [{}]
-    return [{**z, **g} for z in zip_rows for g in grid_rows]
+    points = [{**z, **g} for z in zip_rows for g in grid_rows]
+    if "name" in zipped and "name" not in grid:  # a named zip row + grid values: the name carries the grid values
+        for point in points:
+            point["name"] = ",".join([str(point["name"])] + [_pair(k, point[k]) for k in grid])
+    return points
+
+
+def _pair(key: str, value) -> str:
+    return f"{key.split('.')[-1]}={value}"
 
 
 def point_name(point: dict) -> str:
-    """A directory name from a point's values: its ``name`` (when given) and the other key=value pairs."""
-    parts = [str(point["name"])] if "name" in point else []
-    parts += [f"{key.split('.')[-1]}={value}" for key, value in point.items() if key != "name"]
+    """A directory name for a point: its ``name`` when it has one, else its key=value pairs."""
+    if "name" in point:
+        return re.sub(r"[^A-Za-z0-9_.=,-]", "_", str(point["name"]))
+    parts = [_pair(key, value) for key, value in point.items()]
     return re.sub(r"[^A-Za-z0-9_.=,-]", "_", ",".join(parts)) or "base"
 
 

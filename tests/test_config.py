@@ -27,8 +27,9 @@ def test_sweep_zip_and_grid():
     points = expand({"zip": {"name": ["lora", "qlora"], "quant.format": [None, "nf4"]},
                      "grid": {"train.seed": [0, 1]}})
     assert len(points) == 4
-    assert [point_name(p) for p in points] == ["lora,format=None,seed=0", "lora,format=None,seed=1",
-                                               "qlora,format=nf4,seed=0", "qlora,format=nf4,seed=1"]
+    assert [point_name(p) for p in points] == ["lora,seed=0", "lora,seed=1", "qlora,seed=0", "qlora,seed=1"]
+    assert [p["name"] for p in points] == ["lora,seed=0", "lora,seed=1", "qlora,seed=0", "qlora,seed=1"]
+    assert point_name({"peft.rank": 4, "quant.format": "nf4"}) == "rank=4,format=nf4"
     with pytest.raises(PeftjaxError, match="equal lengths"):
         expand({"zip": {"a": [1], "b": [1, 2]}})
     with pytest.raises(PeftjaxError, match="non-empty list"):

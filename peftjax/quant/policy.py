@@ -6,13 +6,17 @@ output head stay in full precision unless a future rule type says otherwise.
 
 A quantized layer stores its weight as a :class:`~peftjax.quant.QArray` inside a frozen
 :class:`~peftjax.peft.variables.Quantized` variable and dequantizes it inside the traced matmul, where XLA fuses
-the unpacking into the computation that consumes it (QLoRA's storage/compute split).
+the unpacking into the computation that consumes it (QLoRA's storage/compute split). Like bitsandbytes'
+4-bit matmul, the backward pass dequantizes the weight again instead of keeping the dense copy alive between
+forward and backward: only the packed codes are saved, so activation memory does not grow by a dense base.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.models.llama import Linear
@@ -31,6 +35,29 @@ class QuantSpec:
     double_quant: bool = False
 
 
+@jax.custom_vjp
+def quantized_matmul(x: jax.Array, q) -> jax.Array:
+    """x @ dequantize(q), differentiable in x; q is a constant (the frozen base)."""
+    return x @ dequantize(q, x.dtype)
+
+
+def _qmm_fwd(x, q):
+    return quantized_matmul(x, q), q
+
+
+def _zero_cotangent(leaf):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)  # integer codes have no tangent space
+
+
+def _qmm_bwd(q, g):
+    return g @ dequantize(q, g.dtype).T, jax.tree.map(_zero_cotangent, q)
+
+
+quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
+
+
 class QuantizedLinear(Linear):
     """A linear layer whose frozen weight is stored quantized and dequantized on the fly."""
 
@@ -43,6 +70,12 @@ class QuantizedLinear(Linear):
 
     def kernel(self, dtype) -> jax.Array:
         return dequantize(self.weight.get_value(), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = quantized_matmul(x, self.weight.get_value())
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)[None, :]
+        return y
 
 
 def quantize_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
