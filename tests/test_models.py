@@ -75,3 +75,40 @@ def test_smollm2_chat_template(smollm2):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.encode("<|im_start|>") == [tokenizer.bos_id]
+
+
+def test_hugging_face_directory_round_trip(tmp_path):
+    """A Llama-layout config.json + model.safetensors (weights (out, in)) loads into the same model."""
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from peftjax.models import from_pretrained
+    from peftjax.models.tokenizer import byte_tokenizer
+
+    model = tiny_model(seed=3)
+    c = model.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "max_position_embeddings": c.max_position,
+        "tie_word_embeddings": True}))
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = ".".join(map(str, path))
+        w = np.asarray(var[...])
+        tensors["model." + name] = w if w.ndim == 1 or name == "embed_tokens.weight" else np.ascontiguousarray(w.T)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    byte_tokenizer().backend.save(str(tmp_path / "tokenizer.json"))
+    loaded, tokenizer = from_pretrained(tmp_path)
+    ids = random_blocks(1, 6)
+    np.testing.assert_array_equal(loaded(ids), model(ids))
+    assert tokenizer.decode(tokenizer.encode("To be, or not")) == "To be, or not"
+
+
+def test_unknown_model_path_is_one_clear_error(tmp_path):
+    from peftjax.errors import PeftjaxError
+    from peftjax.models import from_pretrained
+
+    with pytest.raises(PeftjaxError, match="not found: give 'smollm2', a .gguf file or a Hugging Face directory"):
+        from_pretrained(tmp_path / "nope.gguf")
