@@ -112,3 +112,14 @@ def test_unknown_model_path_is_one_clear_error(tmp_path):
 
     with pytest.raises(PeftjaxError, match="not found: give 'smollm2', a .gguf file or a Hugging Face directory"):
         from_pretrained(tmp_path / "nope.gguf")
+
+
+def test_gqa_attention_matches_jax_reference():
+    from peftjax.models.llama import gqa_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 7, 6, 8))
+    k = jax.random.normal(keys[1], (2, 7, 2, 8))
+    v = jax.random.normal(keys[2], (2, 7, 2, 8))
+    ours = gqa_attention(q, k, v, jnp.tril(jnp.ones((7, 7), bool)))
+    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)

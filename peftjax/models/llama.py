@@ -90,6 +90,26 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     return x_BTNH * cos + rotated * sin
 
 
+def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + mask) v with grouped-query attention (N query heads share K kv heads).
+
+    The G = N/K query heads of a kv head are stacked along the query axis, so each kv head does one
+    (G*T, d) x (d, S) matmul: on CPU this runs forward + backward about twice as fast as
+    ``jax.nn.dot_product_attention`` at SmolLM2's shapes (4 x 256 tokens, 9 heads, 3 kv heads).
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k, v = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) * (H ** -0.5)
+    mask = jnp.tile(mask_TS, (G, 1))  # (G*T, S): row g*T + t is query t of group member g
+    scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v)  # (B, K, G*T, H)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -123,14 +143,14 @@ class Attention(nnx.Module):
         v = self.v_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim)
         new_kv = None
         if cache_kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = gqa_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
         else:
             ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
             q_pos = cache_length + jnp.arange(T)
             mask = jnp.arange(ck.shape[1])[None, :] <= q_pos[:, None]  # (T, S): causal over the filled cache
-            out = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None])
+            out = gqa_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
             new_kv = (ck, cv)
         return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim)), new_kv
 
