@@ -91,6 +91,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_quant_report(args) -> int:
+    from peftjax.assets import shakespeare_texts
+    from peftjax.data import lm_data
+    from peftjax.models import from_pretrained
+    from peftjax.quant_report import format_layer_table, format_table, parse_format_spec, quant_report
+
+    block = None if args.block_size == 0 else args.block_size
+    specs = [(name, parse_format_spec(name, block)) for name in args.formats.split(",")]
+    model, tokenizer = from_pretrained(args.model)
+    data = lm_data(shakespeare_texts(), tokenizer, seq_len=args.seq_len, eval_docs=2, max_eval_blocks=args.eval_blocks)
+    rows, per_layer = quant_report(model, data.eval, specs)
+    print(f"{args.model}: linear layers quantized (block size {block or 'per-tensor'}); held-out loss on "
+          f"{len(data.eval)} blocks x {args.seq_len} tokens of {', '.join(data.eval_docs)}\n")
+    print(format_table(rows))
+    if args.per_layer:
+        print("\n" + format_layer_table(per_layer))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--double-quant", action="store_true", help="QLoRA with double-quantized scales")
     b.add_argument("--times", action="store_true", help="also print every timed step")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("quant-report", help="bits/param, bytes, weight error and held-out loss per quant format")
+    r.add_argument("--model", default="smollm2")
+    r.add_argument("--formats", default="int8,int4,nf4,nf4-dq,fp4,nf3,int2")
+    r.add_argument("--block-size", type=int, default=64, help="elements per scale block; 0 = per-tensor")
+    r.add_argument("--seq-len", type=int, default=128)
+    r.add_argument("--eval-blocks", type=int, default=16)
+    r.add_argument("--per-layer", action="store_true", help="also print the per-layer error table")
+    r.set_defaults(func=cmd_quant_report)
     return p
 
 
