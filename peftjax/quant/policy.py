@@ -21,7 +21,7 @@ from flax import nnx
 
 from peftjax.models.llama import Linear
 from peftjax.peft.variables import Quantized
-from peftjax.quant import dequantize, quantize
+from peftjax.quant import dequantize, fake_quant, quantize
 from peftjax.rules import as_patterns, match_rules, modules_of_type, set_at_path
 
 
@@ -80,6 +80,10 @@ class QuantizedLinear(Linear):
 
 def quantize_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
     """A new model whose linear layers matched by ``rules`` are quantized (first matching rule wins)."""
+    return _replace_linears(model, rules, lambda base, spec, name: QuantizedLinear(base, spec, name=name))
+
+
+def _replace_linears(model: nnx.Module, rules: list[QuantSpec], make) -> nnx.Module:
     model = nnx.clone(model)
     linears = {p: m for p, m in modules_of_type(model, Linear).items() if not isinstance(m, QuantizedLinear)}
     patterns, owners = [], []
@@ -89,5 +93,29 @@ def quantize_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
             owners.append(i)
     matched = match_rules(linears, patterns, what="quantization")
     for path, k in matched.items():
-        set_at_path(model, path, QuantizedLinear(linears[path], rules[owners[k]], name=path))
+        set_at_path(model, path, make(linears[path], rules[owners[k]], path))
     return model
+
+
+class FakeQuantLinear(Linear):
+    """Quantization-aware training: the forward pass uses ``fake_quant(W)`` (what the quantized model will see),
+    the backward pass the straight-through estimator, so a trainable ``W`` learns to sit well on the grid.
+
+    The module shares its ``weight`` variable with the layer it wraps; after training, :func:`quantize_model`
+    quantizes it like any linear layer (``isinstance(FakeQuantLinear(...), Linear)``).
+    """
+
+    def __init__(self, base: Linear, spec: QuantSpec):
+        self.d_in, self.d_out = base.d_in, base.d_out
+        self.spec = spec
+        self.weight, self.bias = base.weight, base.bias
+
+    def kernel(self, dtype) -> jax.Array:
+        w = fake_quant(self.weight[...].astype(jnp.float32), self.spec.format, block_size=self.spec.block_size,
+                       double_quant=self.spec.double_quant)
+        return w.astype(dtype)
+
+
+def qat_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
+    """A new model whose matched linear layers train against their fake-quantized weights."""
+    return _replace_linears(model, rules, lambda base, spec, name: FakeQuantLinear(base, spec))
