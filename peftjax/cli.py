@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
 
     config = _load_run_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / config.name
-    summary = run(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     keys = ("method", "quant", "trainable_params", "median_step_s", "tokens_per_s", "eval_loss_before",
             "eval_loss_after", "wall_s")
     print(json.dumps({k: summary[k] for k in keys}))
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--out", help="run directory (default runs/NAME)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 

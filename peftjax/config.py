@@ -23,6 +23,7 @@ class ModelConfig:
     num_layers: int | None = None  # keep only the first N decoder layers (CPU-sized experiments); None = all
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    remat: bool = False  # activation checkpointing: recompute activations in the backward pass (saves memory)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -32,6 +33,11 @@ class PeftConfig:
     alpha: float = 16.0
     targets: str | list[str] = "all-linear"
     rslora: bool = False
+
+
+# the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token
+POLARITY = {"labels": ["neg", "pos"], "label_words": [" negative", " positive"],
+            "template": "Review: {text}\nSentiment:"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -44,11 +50,21 @@ class QuantConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
-    dataset: str = "shakespeare"  # "shakespeare" (pinned asset) or "files"
-    files: list[str] = dataclasses.field(default_factory=list)  # text files when dataset == "files"
-    seq_len: int = 256
-    eval_docs: int = 2  # documents (plays) held out for evaluation, chosen by a hash of their names
-    max_eval_blocks: int = 16
+    task: str = "lm"  # "lm" (causal LM on raw text), "sft" (prompt/response or chat), "classify" (verbalizer)
+    dataset: str = "shakespeare"  # "shakespeare" or "polarity" (pinned assets), or "files"
+    files: list[str] = dataclasses.field(default_factory=list)  # .txt for lm; .json/.jsonl/.csv/.parquet records
+    seq_len: int = 256  # block length for lm; the longest row (truncated, right-padded) for sft and classify
+    eval_docs: int = 2  # held out for evaluation, chosen by a hash: documents (lm) or records (sft, classify)
+    max_eval_blocks: int = 16  # at most this many eval blocks / rows
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"  # a record with this field is a chat: [{role, content}, ...]
+    chat_template: str | None = None  # Jinja template overriding the tokenizer's (needed for the byte tokenizer)
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] = dataclasses.field(default_factory=list)  # classify: label values; default for polarity
+    label_words: list[str] = dataclasses.field(default_factory=list)  # classify: the word scored for each label
+    template: str | None = None  # classify: the prompt, "{text}" filled in; the label word follows it
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -56,12 +72,24 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 4
     learning_rate: float = 1e-3
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * learning_rate) or "constant", after linear warmup
     warmup_steps: int = 0
-    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.1
+    group_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # {prompt: 0.03, lora: ...}
+    weight_decay: float = 0.0  # decoupled (AdamW); never applied to vectors (norm scales, biases, IA3)
     grad_clip: float | None = 1.0
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     seed: int = 0
     log_every: int = 1
+    eval_every: int = 0  # evaluate every N steps (0: before and after training only)
     eval_batch_size: int = 8
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5  # stop after this many non-finite (skipped) steps in a row
+
+
+TASKS = ("lm", "sft", "classify")
+DATASETS = {"shakespeare": "lm", "polarity": "classify", "files": None}  # built-in data sets and their task
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -82,6 +110,9 @@ def _type_ok(value: Any, tp) -> bool:
         return any(_type_ok(value, t) for t in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items())
     if origin is list:
         (inner,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
@@ -187,15 +218,36 @@ def validate(config: RunConfig) -> None:
         (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
         (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),
         (config.train.learning_rate > 0, f"train.learning_rate must be > 0, got {config.train.learning_rate}"),
-        (config.data.dataset in ("shakespeare", "files"),
-         f"data.dataset must be 'shakespeare' or 'files', got {config.data.dataset!r}"),
-        (config.data.dataset != "files" or config.data.files, "data.files is empty; list text files to train on"),
+        (config.data.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {config.data.task!r}"),
+        (config.data.dataset in DATASETS,
+         f"data.dataset must be one of {', '.join(DATASETS)}, got {config.data.dataset!r}"),
+        (config.data.dataset != "files" or config.data.files, "data.files is empty; list files to train on"),
+        (config.data.dataset == "files" or DATASETS[config.data.dataset] == config.data.task,
+         f"data.dataset {config.data.dataset!r} is a {DATASETS.get(config.data.dataset)!r} task; "
+         f"set data.task={DATASETS.get(config.data.dataset)} or data.dataset=files"),
+        (config.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {config.train.grad_accum}"),
+        (config.train.schedule in ("cosine", "constant"),
+         f"train.schedule must be 'cosine' or 'constant', got {config.train.schedule!r}"),
+        (config.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {config.train.keep_checkpoints}"),
+        (config.train.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {config.train.max_nonfinite}"),
+        (config.train.eval_every >= 0 and config.train.save_every >= 0,
+         "train.eval_every and train.save_every must be >= 0"),
+        (config.data.task != "classify" or config.data.dataset == "polarity" or config.data.labels,
+         "data.labels is empty; list the label values of the classification task"),
         (config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
         (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype must be float32 or bfloat16"),
     ]
     for ok, message in checks:
         if not ok:
             raise PeftjaxError(message)
+    from peftjax.train import trainable_groups
+
+    groups = trainable_groups()
+    for name in config.train.group_learning_rates:
+        if name not in groups:
+            near = difflib.get_close_matches(name, groups, n=1)
+            hint = f"; did you mean {near[0]}?" if near else f"; groups: {', '.join(groups)}"
+            raise PeftjaxError(f"train.group_learning_rates has unknown group {name!r}{hint}")
     for f in config.data.files:
         if not Path(f).exists():
             raise PeftjaxError(f"data file {f} not found (data.files)")

@@ -76,13 +76,189 @@ def lm_data(files: list[Path], tokenizer, *, seq_len: int, eval_docs: int, max_e
 
 def batches(blocks: np.ndarray, batch_size: int, seed: int, start_step: int = 0):
     """Endless batches of (batch_size, block) from a seeded permutation per epoch; deterministic in (seed, step)."""
-    n = len(blocks)
+    for index in index_batches(len(blocks), batch_size, seed, start_step):
+        yield blocks[index]
+
+
+# ------------------------------------------------------------------------------------------- record tasks
+_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclasses.dataclass
+class RecordData:
+    """Padded rows for supervised tasks. ``tokens`` is (N, seq_len + 1); ``loss_mask`` (N, seq_len) is 1 where
+    ``tokens[:, 1:]`` is a target the loss counts (response tokens for SFT, the label word for classification).
+    For classification ``label`` (N,) is the gold class and ``label_pos`` (N,) the input position whose logits
+    predict the label word; ``candidates`` are the first token ids of the label words, in class order."""
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    label: np.ndarray | None = None
+    label_pos: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def take(self, index) -> "RecordData":
+        pick = lambda x: None if x is None else x[index]  # noqa: E731
+        return RecordData(self.tokens[index], self.loss_mask[index], pick(self.label), pick(self.label_pos),
+                          self.candidates)
+
+    def batch(self, index) -> dict:
+        """The arrays the jitted step and evaluation read."""
+        rows = self.take(index)
+        out = {"tokens": rows.tokens, "loss_mask": rows.loss_mask}
+        if rows.label is not None:
+            out.update(label=rows.label, label_pos=rows.label_pos)
+        return out
+
+
+def load_records(files: list[Path]) -> list[dict]:
+    """Records from local JSON/JSONL/CSV/Parquet files through ``datasets`` (one format per call)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kinds = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1 or "text" in kinds:
+        raise PeftjaxError(f"record tasks read .json, .jsonl, .csv or .parquet files (one kind per run), got "
+                           f"{', '.join(Path(f).name for f in files)}")
+    from peftjax.assets import cache_dir
+
+    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train",
+                               cache_dir=str(cache_dir() / "datasets"), keep_in_memory=True)
+    return ds.to_list()
+
+
+def polarity_records(path: Path) -> list[dict]:
+    """The 200 labelled movie-review sentences of gensim's ``pang_lee_polarity.cor``: ``__label__neg text``.
+
+    The file is Windows-1252 encoded (it holds a 0x97 em dash)."""
+    records = []
+    for line in Path(path).read_bytes().decode("cp1252").splitlines():
+        if line.strip():
+            label, _, text = line.partition(" ")
+            records.append({"text": text.strip(), "label": label.removeprefix("__label__")})
+    return records
+
+
+def split_records(records: list[dict], n_eval: int) -> tuple[list[dict], list[dict]]:
+    """Held-out records chosen by the sha256 of their content: stable across machines, runs and file order."""
+    import json
+
+    if not 0 < n_eval < len(records):
+        raise PeftjaxError(f"data.eval_docs must be between 1 and {len(records) - 1} for {len(records)} records, "
+                           f"got {n_eval}")
+    keys = [hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest() for r in records]
+    held = set(sorted(range(len(records)), key=lambda i: keys[i])[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def _field(record: dict, name: str):
+    if name not in record:
+        raise PeftjaxError(f"record has no field {name!r} (fields: {', '.join(record)}); set the data.*_field keys")
+    return record[name]
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat rendered with the tokenizer's template, and a 0/1 flag per id: 1 on assistant turns.
+
+    Each assistant turn is the text between the render of the conversation before it (with the generation
+    prompt) and the render including it, so the mask boundary is exact whatever the template looks like."""
+    ids, flags, done = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1])
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise PeftjaxError("the chat template does not render conversations prefix by prefix; cannot mask turns")
+        for text, flag in ((before[len(done):], 0), (upto[len(before):], 1)):
+            piece = tokenizer.encode(text) if text else []
+            ids += piece
+            flags += [flag] * len(piece)
+        done = upto
+    if not any(flags):
+        raise PeftjaxError("an SFT record has no assistant message to train on")
+    return ids, flags
+
+
+def _rows(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (N, seq_len + 1) tokens and (N, seq_len) target mask (flag of each token as a *target*)."""
+    tokens = np.full((len(seqs), seq_len + 1), pad_id, np.int32)
+    mask = np.zeros((len(seqs), seq_len), np.float32)
+    for r, (ids, flags) in enumerate(seqs):
+        ids, flags = ids[: seq_len + 1], flags[: seq_len + 1]
+        tokens[r, : len(ids)] = ids
+        mask[r, : len(ids) - 1] = flags[1:]
+    return tokens, mask
+
+
+def sft_rows(records: list[dict], tokenizer, *, seq_len: int, prompt_field: str = "prompt",
+             response_field: str = "response", messages_field: str = "messages") -> RecordData:
+    """Instruction / chat SFT: the loss counts response (assistant) tokens only. A record holds either
+    ``messages`` ([{role, content}, ...]) or a prompt and a response (one user turn, one assistant turn)."""
+    seqs = []
+    for record in records:
+        if messages_field in record:
+            messages = list(record[messages_field])
+        else:
+            messages = [{"role": "user", "content": str(_field(record, prompt_field))},
+                        {"role": "assistant", "content": str(_field(record, response_field))}]
+        ids, flags = render_chat(tokenizer, messages)
+        if tokenizer.eos_id is not None and tokenizer.eos_id not in ids[-1:]:
+            ids, flags = ids + [tokenizer.eos_id], flags + [1]  # learn to stop
+        seqs.append((ids, flags))
+    tokens, mask = _rows(seqs, seq_len, _pad_id(tokenizer))
+    if not mask.any():
+        raise PeftjaxError(f"every response was cut off at data.seq_len={seq_len}; raise data.seq_len")
+    return RecordData(tokens, mask)
+
+
+def verbalizer_rows(records: list[dict], tokenizer, *, seq_len: int, template: str, labels: list[str],
+                    label_words: list[str], text_field: str = "text", label_field: str = "label") -> RecordData:
+    """Classification by verbalizer: ``template.format(text=...)`` followed by the label's word; the loss counts
+    the label word's first token, and accuracy compares the model's scores of every label word's first token at
+    the position before it. Label words must start with distinct tokens."""
+    if len(labels) != len(label_words) or len(labels) < 2:
+        raise PeftjaxError("data.labels and data.label_words must be lists of the same length (>= 2)")
+    prefix_ids = tokenizer.encode(template.format(text=""))
+    first = []
+    for word in label_words:
+        ids = tokenizer.encode(template.format(text="") + word)[len(prefix_ids):]
+        if not ids:
+            raise PeftjaxError(f"label word {word!r} encodes to no token after the template")
+        first.append(ids[0])
+    if len(set(first)) != len(first):
+        raise PeftjaxError(f"label words {label_words} start with the same token; choose distinct words")
+    seqs, gold, pos = [], [], []
+    for record in records:
+        label = str(_field(record, label_field))
+        if label not in labels:
+            raise PeftjaxError(f"record label {label!r} is not in data.labels {labels}")
+        k = labels.index(label)
+        prompt = tokenizer.encode(template.format(text=str(_field(record, text_field))))
+        prompt = prompt[-seq_len:]  # keep the end of a long text: the template's tail cues the label word
+        seqs.append((prompt + [first[k]], [0] * len(prompt) + [1]))
+        gold.append(k)
+        pos.append(len(prompt) - 1)
+    tokens, mask = _rows(seqs, seq_len, _pad_id(tokenizer))
+    return RecordData(tokens, mask, np.asarray(gold, np.int32), np.asarray(pos, np.int32),
+                      np.asarray(first, np.int32))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+
+def index_batches(n: int, batch_size: int, seed: int, start: int = 0):
+    """Endless index batches from a seeded permutation per epoch; batch ``i`` depends only on (seed, i), so a
+    resumed run continues from its saved position ``start`` with exactly the batches it would have seen."""
     if n < batch_size:
-        raise PeftjaxError(f"only {n} training blocks for batch_size {batch_size}; lower train.batch_size")
+        raise PeftjaxError(f"only {n} training rows for batch_size {batch_size}; lower train.batch_size")
     per_epoch = n // batch_size
-    step = start_step
+    i = start
     while True:
-        epoch, i = divmod(step, per_epoch)
+        epoch, j = divmod(i, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        yield blocks[order[i * batch_size:(i + 1) * batch_size]]
-        step += 1
+        yield order[j * batch_size:(j + 1) * batch_size]
+        i += 1

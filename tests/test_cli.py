@@ -39,8 +39,10 @@ def test_train_writes_run_directory(tmp_path, config):
         assert key in summary, key
     assert summary["steps"] == 4 and summary["method"] == "lora" and summary["rank"] == 4
     assert 0 < summary["trainable_params"] < summary["total_params"]
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]  # eval at the end
+    assert (out / "checkpoints" / "4").is_dir() and summary["checkpoint_bytes"] > 0
     assert "rank: 4" in (out / "config.yaml").read_text()
 
 

@@ -1,0 +1,136 @@
+"""Checkpoints of a run with orbax-checkpoint: trainable parameters, optimizer state, step, data position, RNG.
+
+The frozen base is never saved: it is rebuilt from the run's config, so a LoRA checkpoint of SmolLM2 is megabytes.
+Each checkpoint is ``run/checkpoints/<step>/`` with three items:
+
+    trainable   the trainable leaves (the flattened pytree, in ``jax.tree`` order)
+    opt_state   the optimizer-state leaves (restored only to continue training)
+    meta    JSON: step, data position, RNG seed, non-finite counters, the leaf paths/shapes/dtypes, and the
+            identity of the model (base, method, rank, targets, quantization) the leaves belong to
+
+Orbax writes a checkpoint into a temporary directory and renames it when complete, so a process killed during a
+save leaves the previous checkpoint usable (the half-written one is ignored and cleaned up later). Restoring into a
+model whose identity differs raises :class:`PeftjaxError` naming the field that differs.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from peftjax.errors import PeftjaxError
+
+# the config fields that decide which trainable tree a checkpoint belongs to
+IDENTITY_FIELDS = (("model", "name"), ("model", "num_layers"), ("peft", "method"), ("peft", "rank"),
+                   ("peft", "targets"), ("quant", "format"), ("quant", "targets"))
+
+
+def identity(config) -> dict:
+    """The fields of ``config`` that a checkpoint must match, as ``{"peft.rank": 8, ...}``."""
+    from peftjax.config import to_dict
+
+    d = to_dict(config)
+    out = {}
+    for section, key in IDENTITY_FIELDS:
+        if section == "peft" and key == "rank" and d["peft"]["method"] == "full":
+            continue
+        out[f"{section}.{key}"] = d[section][key]
+    return out
+
+
+def _flatten(tree) -> tuple[list, list[dict]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = [np.asarray(x) for _, x in flat]
+    specs = [{"path": jax.tree_util.keystr(p, simple=True, separator="/"), "shape": list(x.shape),
+              "dtype": str(x.dtype)} for (p, _), x in zip(flat, leaves)]
+    return leaves, specs
+
+
+def _manager(directory: Path, keep: int | None = None):
+    import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("trainable", "opt_state", "meta"))
+
+
+class Checkpointer:
+    """Save and restore the training state of one run under ``directory``; keeps the last ``keep`` checkpoints."""
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.directory = Path(directory)
+        self._mgr = _manager(self.directory, keep)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, trainable, opt_state, *, config, data_position: int, extra: dict | None = None) -> int:
+        """Write checkpoint ``step`` (blocking until it is complete on disk); returns its size in bytes."""
+        import orbax.checkpoint as ocp
+
+        t_leaves, t_specs = _flatten(trainable)
+        o_leaves, o_specs = _flatten(opt_state)
+        meta = {"step": step, "data_position": data_position, "seed": config.train.seed,
+                "rng": {"seed": config.train.seed, "step": step}, "identity": identity(config),
+                "trainable": t_specs, "opt_state": o_specs, **(extra or {})}
+        self._mgr.save(step, args=ocp.args.Composite(
+            trainable=ocp.args.StandardSave(t_leaves), opt_state=ocp.args.StandardSave(o_leaves),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self._mgr.wait_until_finished()
+        return directory_bytes(self.directory / str(step))
+
+    def restore(self, trainable, opt_state=None, *, config, step: int | None = None):
+        """(trainable, opt_state, meta) of checkpoint ``step`` (default: the latest), shaped like the given trees;
+        ``opt_state`` is restored only when given (None otherwise).
+
+        Raises :class:`PeftjaxError` when the checkpoint belongs to a different model (the differing field is
+        named) or when its leaves do not match ``trainable`` / ``opt_state``.
+        """
+        import orbax.checkpoint as ocp
+
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise PeftjaxError(f"no checkpoint in {self.directory}")
+        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_identity(meta["identity"], identity(config), where=self.directory / str(step))
+        trees = {"trainable": trainable, "opt_state": opt_state}
+        trees = {k: v for k, v in trees.items() if v is not None}
+        for name, tree in trees.items():
+            _check_specs(name.replace("_", " "), meta[name], _flatten(tree)[1])
+        restored = self._mgr.restore(step, args=ocp.args.Composite(**{
+            name: ocp.args.StandardRestore([np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+            for name, tree in trees.items()}))
+        out = {name: jax.tree.unflatten(jax.tree.structure(tree), [jax.numpy.asarray(np.asarray(x))
+                                                                   for x in restored[name]])
+               for name, tree in trees.items()}
+        return out["trainable"], out.get("opt_state"), meta
+
+    def close(self):
+        self._mgr.close()
+
+
+def check_identity(saved: dict, current: dict, *, where) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise PeftjaxError(f"checkpoint {where} was saved with {key}={saved.get(key)!r} but this model has "
+                               f"{key}={current.get(key)!r}")
+
+
+def _check_specs(what: str, saved: list[dict], current: list[dict]) -> None:
+    saved_by_path = {s["path"]: s for s in saved}
+    for spec in current:
+        s = saved_by_path.get(spec["path"])
+        if s is None:
+            raise PeftjaxError(f"checkpoint has no {what} leaf {spec['path']}; it belongs to a different model")
+        if s["shape"] != spec["shape"] or s["dtype"] != spec["dtype"]:
+            raise PeftjaxError(f"checkpoint {what} leaf {spec['path']} is {s['dtype']}{s['shape']} but this model "
+                               f"has {spec['dtype']}{spec['shape']}")
+    if len(saved) != len(current):
+        extra = sorted(set(saved_by_path) - {s["path"] for s in current})
+        raise PeftjaxError(f"checkpoint has {what} leaves this model lacks: {', '.join(extra[:3])}")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
