@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.errors import PeftjaxError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
@@ -135,6 +137,10 @@ class Attention(nnx.Module):
         self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, rngs=rngs, dtype=dtype)
+        # Hook for prefix tuning: a module whose call returns (keys, values), each (L, K, hd), that every query
+        # attends to before the sequence (used as-is, without RoPE, like Hugging Face's past_key_values prefix),
+        # or None while it is disabled.
+        self.prefix = nnx.data(None)
 
     def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None):
         B, T = shape_BT
@@ -143,15 +149,23 @@ class Attention(nnx.Module):
         v = self.v_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim)
         new_kv = None
         if cache_kv is None:
-            out = gqa_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
+            mask = jnp.tril(jnp.ones((T, T), bool))
         else:
             ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
             q_pos = cache_length + jnp.arange(T)
             mask = jnp.arange(ck.shape[1])[None, :] <= q_pos[:, None]  # (T, S): causal over the filled cache
-            out = gqa_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
             new_kv = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        prefix = None if self.prefix is None else self.prefix()
+        if prefix is not None:
+            pk, pv = prefix
+            L = pk.shape[0]
+            k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (B, *pk.shape)), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (B, *pv.shape)), v], axis=1)
+            mask = jnp.concatenate([jnp.ones((T, L), bool), mask], axis=1)
+        out = gqa_attention(q, k, v, mask)
         return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim)), new_kv
 
 
@@ -199,15 +213,34 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rngs=rngs, dtype=dtype)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+        # Hook for prompt tuning: a module whose call returns (N, D) virtual-token embeddings prepended to the input;
+        # its ``num_tokens`` is N (0 while it is disabled).
+        self.prompt = nnx.data(None)
 
-    def hidden_states(self, ids_BT: jax.Array, *, cache: KVCache | None = None,
-                      compute_dtype=jnp.float32) -> tuple[jax.Array, KVCache | None]:
-        """Final normed hidden states as (B*T, D), and the updated cache when one is given."""
+    def num_virtual_tokens(self) -> int:
+        """Positions that prompt tuning prepends to every sequence (0 without it)."""
+        return 0 if self.prompt is None else self.prompt.num_tokens
+
+    def hidden_states(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
+                      prepend_prompt: bool = True) -> tuple[jax.Array, KVCache | None]:
+        """Final normed hidden states as (B*T, D), and the updated cache when one is given.
+
+        With prompt tuning the virtual tokens are prepended (once: decode steps pass ``prepend_prompt=False``),
+        attended to, and dropped from the returned states, so they line up with ``ids_BT``.
+        """
         B, T = ids_BT.shape
+        h = self.embed_tokens(ids_BT.reshape(B * T)).astype(compute_dtype)
+        n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
+        if n_virtual:
+            if n_virtual + T > self.config.max_position:
+                raise PeftjaxError(f"{n_virtual} virtual prompt tokens + {T} input tokens exceed the context of "
+                                   f"{self.config.max_position}; shorten the input or use fewer virtual tokens")
+            virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
+            h = jnp.concatenate([virtual, h.reshape(B, T, -1)], axis=1).reshape(B * (n_virtual + T), -1)
+            T = n_virtual + T
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        h = self.embed_tokens(ids_BT.reshape(B * T)).astype(compute_dtype)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -216,14 +249,18 @@ class LlamaForCausalLM(nnx.Module):
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
         new_cache = None if cache is None else KVCache(new_keys, new_values, cache.length + T)
+        if n_virtual:
+            h = h.reshape(B, T, -1)[:, n_virtual:].reshape(B * (T - n_virtual), -1)
         return self.norm(h), new_cache
 
     def logits(self, h_ND: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(h_ND).astype(jnp.float32)
 
-    def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32):
+    def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
+                 prepend_prompt: bool = True):
         """Logits (B, T, V) in float32 (and the new cache when decoding with one)."""
         B, T = ids_BT.shape
-        h, new_cache = self.hidden_states(ids_BT, cache=cache, compute_dtype=compute_dtype)
+        h, new_cache = self.hidden_states(ids_BT, cache=cache, compute_dtype=compute_dtype,
+                                          prepend_prompt=prepend_prompt)
         logits = self.logits(h).reshape(B, T, -1)
         return logits if cache is None else (logits, new_cache)

@@ -1,6 +1,8 @@
-"""Full fine-tuning: every base weight (matching ``targets``, default all) becomes trainable in place.
+"""Full and selective fine-tuning: base weights whose parameter path matches ``targets`` become trainable in place.
 
-The baseline that PEFT methods are measured against; its gradient and optimizer state are as large as the model.
+``full`` (default: every parameter) is the baseline that PEFT methods are measured against; its gradient and optimizer
+state are as large as the model. ``selective`` trains only the matched parameters (default: the norms' gains; e.g.
+``targets="bias"`` is BitFit, Ben Zaken et al. 2022) and freezes the rest.
 """
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ class FullConfig:
     targets: str | tuple[str, ...] = ".*"  # parameter paths (e.g. "layers\\.0\\..*"); default: everything
 
 
-def apply_full(model: nnx.Module, config: FullConfig) -> None:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelectiveConfig:
+    targets: str | tuple[str, ...] = r".*norm\.weight"  # parameter paths, e.g. "bias", "layers\.1[01]\..*"
+
+
+def apply_full(model: nnx.Module, config: FullConfig | SelectiveConfig) -> None:
     params = {path_str(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
     matched = match_rules(params, as_patterns(config.targets), what="fine-tuning target")
     for path in matched:
@@ -26,3 +33,4 @@ def apply_full(model: nnx.Module, config: FullConfig) -> None:
 
 
 register_method("full", FullConfig, apply_full)
+register_method("selective", SelectiveConfig, apply_full)

@@ -1,0 +1,88 @@
+"""Prefix tuning (Li & Liang 2021): every layer's attention also attends to L trainable key/value vectors.
+
+    Attn(q, [P_k; K], [P_v; V]),   P_k, P_v: (L, kv_heads, head_dim) per layer, seen by every query, without RoPE
+
+With ``reparameterize=True`` the prefixes are produced during training by a small MLP from an (L, d_emb) embedding,
+as in the paper, P = W2 tanh(W1 E) (one MLP per layer here: tree-mode NNX has no shared submodules);
+:func:`fold_prefix` evaluates it once and keeps only the resulting prefixes for inference. A prefix cannot be
+merged into the base weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.errors import PeftjaxError
+from peftjax.models.llama import Attention
+from peftjax.peft.registry import register_method
+from peftjax.peft.variables import Prefix
+from peftjax.peft.wrapper import AdapterModule
+from peftjax.rules import as_patterns, match_rules, modules_of_type
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixConfig:
+    num_tokens: int = 16  # L
+    targets: str | tuple[str, ...] = "self_attn"  # attention modules that get a prefix (default: every layer)
+    reparameterize: bool = False
+    hidden: int = 64  # width of the reparameterisation MLP
+    seed: int = 0
+
+
+class PrefixKV(AdapterModule):
+    """The key/value prefix of one attention layer."""
+
+    def __init__(self, num_tokens: int, kv_heads: int, head_dim: int, *, key: jax.Array,
+                 reparameterize: bool = False, hidden: int = 64):
+        self.shape = (num_tokens, kv_heads, head_dim)
+        width = kv_heads * head_dim
+        k1, k2, k3 = jax.random.split(key, 3)
+        if reparameterize:
+            self.embedding = Prefix(jax.random.normal(k1, (num_tokens, width), jnp.float32))
+            self.w1 = Prefix(jax.random.normal(k2, (width, hidden), jnp.float32) / jnp.sqrt(width))
+            self.w2 = Prefix(jax.random.normal(k3, (hidden, 2 * width), jnp.float32) / jnp.sqrt(hidden))
+            self.kv = nnx.data(None)
+        else:
+            self.kv = Prefix(jax.random.normal(k1, (num_tokens, 2 * width), jnp.float32))
+
+    def prefix_kv(self) -> jax.Array:
+        """(L, 2 * kv_heads * head_dim): keys then values."""
+        if self.kv is not None:
+            return self.kv[...]
+        return jnp.tanh(self.embedding[...] @ self.w1[...]) @ self.w2[...]
+
+    def __call__(self):
+        if self.disabled:
+            return None
+        k, v = jnp.split(self.prefix_kv(), 2, axis=-1)
+        return k.reshape(self.shape), v.reshape(self.shape)
+
+
+def fold_prefix(model: nnx.Module) -> nnx.Module:
+    """A new model whose reparameterised prefixes are replaced by the prefixes they compute (for inference)."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, PrefixKV) and module.kv is None:
+            module.kv = Prefix(module.prefix_kv())
+            module.embedding = module.w1 = module.w2 = None
+    return model
+
+
+def apply_prefix(model: nnx.Module, config: PrefixConfig) -> None:
+    max_position = model.config.max_position
+    if not 1 <= config.num_tokens < max_position:
+        raise PeftjaxError(f"prefix num_tokens {config.num_tokens} must be in 1..{max_position - 1} "
+                           f"(the context is {max_position} positions)")
+    attentions = modules_of_type(model, Attention)
+    matched = match_rules(attentions, as_patterns(config.targets), what="prefix target")
+    keys = jax.random.split(jax.random.key(config.seed), max(len(matched), 1))
+    for key, path in zip(keys, matched):
+        attn = attentions[path]
+        attn.prefix = PrefixKV(config.num_tokens, attn.num_kv_heads, attn.head_dim, key=key,
+                               reparameterize=config.reparameterize, hidden=config.hidden)
+
+
+register_method("prefix", PrefixConfig, apply_prefix)

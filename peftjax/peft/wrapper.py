@@ -1,0 +1,48 @@
+"""The common shape of adapter modules, so lifecycle tools (merge, disable, summary) work for every method.
+
+An :class:`AdapterLinear` wraps a frozen base linear layer (dense or quantized) and adds an update. A method that can
+fold its update into the base weight implements ``merge_kernel(W) -> W'`` and ``unmerge_kernel(W') -> W`` on the
+(d_in, d_out) dense weight; :mod:`peftjax.peft.merge` does the rest (dequantize, requantize, bookkeeping).
+``merged`` and ``disabled`` are plain Python flags: static, so flipping them retraces instead of branching at run
+time. Modules that are not linear wrappers (prefix, prompt) subclass :class:`AdapterModule` only.
+"""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from peftjax.models.llama import Linear
+
+
+class AdapterModule(nnx.Module):
+    """Anything a PEFT method inserts into a model; ``disabled`` turns its effect off (see ``disable_adapters``)."""
+
+    disabled: bool = False
+    mergeable: bool = False
+
+
+class AdapterLinear(AdapterModule):
+    """A frozen ``base`` linear layer plus an update; subclasses define ``__call__`` and, if mergeable, the kernels."""
+
+    merged: bool = False
+
+    def __init__(self, base: Linear):
+        self.base = base
+
+    @property
+    def d_in(self) -> int:
+        return self.base.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.base.d_out
+
+    def bypass(self) -> bool:
+        """True when the forward is the base alone: the update is merged into it or the adapter is disabled."""
+        return self.merged or self.disabled
+
+    def merge_kernel(self, w_DO: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def unmerge_kernel(self, w_DO: jax.Array) -> jax.Array:
+        raise NotImplementedError
