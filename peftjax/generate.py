@@ -1,4 +1,9 @@
-"""Autoregressive decoding with a KV cache: one jitted prefill, then one jitted step per new token."""
+"""Autoregressive decoding with a KV cache: one jitted prefill, then one jitted step per new token.
+
+The model decodes with whatever adapters it carries and has active: LoRA-style wrappers, prefixes (attended to at
+every step) and prompt-tuning virtual tokens (prepended once, in the prefill; the cache holds their positions).
+Use :func:`peftjax.peft.disable_adapters` around a call to decode with the base model.
+"""
 from __future__ import annotations
 
 import jax
@@ -16,14 +21,14 @@ def _prefill(model, ids_BT, cache):
 
 @nnx.jit
 def _decode_step(model, ids_B1, cache):
-    logits, cache = model(ids_B1, cache=cache)
+    logits, cache = model(ids_B1, cache=cache, prepend_prompt=False)
     return logits[:, -1], cache
 
 
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
                     temperature: float = 0.0, seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
-    cache = KVCache.empty(model.config, 1, len(prompt_ids) + max_new_tokens)
+    cache = KVCache.empty(model.config, 1, model.num_virtual_tokens() + len(prompt_ids) + max_new_tokens)
     logits, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache)
     key = jax.random.key(seed)
     out: list[int] = []

@@ -22,3 +22,7 @@ __all__ = ["IA3", "Adapter", "AdapterLinear", "AdapterModule", "DoRALinear", "Fu
            "PromptEmbedding", "Quantized", "SelectiveConfig", "Trainable", "Tuned", "apply", "count_parameters",
            "disable_adapters", "fold_prefix", "get_method", "lora_delta", "make_config", "merge",
            "merge_and_unload", "register_method", "registered_methods", "requantize_like", "summary", "unmerge"]
+from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, combine_adapters,  # noqa: E402
+                                mixed_adapters, set_adapter)
+
+__all__ += ["MultiLoRALinear", "adapter_names", "add_adapter", "combine_adapters", "mixed_adapters", "set_adapter"]
