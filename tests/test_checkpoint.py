@@ -1,0 +1,159 @@
+"""Checkpoints: a SIGKILLed run resumes to bitwise the uninterrupted result; a kill during a save leaves the
+previous checkpoint usable; a checkpoint of another model is refused naming the field; load_run for inference."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from peftjax import partition
+from peftjax.checkpoint import Checkpointer
+from peftjax.config import from_dict
+from peftjax.errors import PeftjaxError
+from peftjax.train import load_run, make_optimizer, prepare_model
+from tests.test_cli import PLAY, peftjax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(tmp_path):
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"play{i}.txt")
+        files[-1].write_text(PLAY * 8)
+    return files
+
+
+def _config_file(tmp_path, steps):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: k
+        model: {{name: tiny}}
+        peft: {{method: lora, rank: 4}}
+        data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 2, files: [{', '.join(map(str, _files(tmp_path)))}]}}
+        train: {{steps: {steps}, batch_size: 2, learning_rate: 0.01, warmup_steps: 5, grad_accum: 2,
+                 save_every: 10, keep_checkpoints: 2, log_every: 1}}
+        """))
+    return path
+
+
+def _trainable(run_dir):
+    _, trainable, _ = partition.split(load_run(run_dir)[0])
+    return jax.tree.leaves(trainable)
+
+
+def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    config = _config_file(tmp_path, steps=80)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(config), "--no-progress"]
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint exists and training has gone past it
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and steps[-1] >= 25:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists(), "the run finished before the kill; raise train.steps"
+    last = Checkpointer(killed / "checkpoints").latest_step()
+    assert last is not None and 10 <= last < 80
+
+    resumed = peftjax("train", str(config), "--no-progress", "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    done = peftjax("train", str(config), "--no-progress", "--out", str(full))
+    assert done.returncode == 0, done.stderr
+
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from_step"] == last and summary["steps"] == 80
+    train_steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+                   if "loss" in json.loads(line)]
+    assert train_steps == list(range(1, 81))  # records after the checkpoint were rewritten, none doubled
+    for a, b in zip(_trainable(full), _trainable(killed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [70, 80]  # keep the last 2
+
+
+def _state(config):
+    model, _ = prepare_model(config)
+    _, trainable, _ = partition.split(model)
+    optimizer = make_optimizer(config.train)
+    return trainable, optimizer.init(trainable)
+
+
+TINY = {"model": {"name": "tiny"}, "peft": {"method": "lora", "rank": 4}}
+
+
+def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
+    """A child saves step 1, then is SIGKILLed while step 2 is being written (its meta item stalls)."""
+    ckpt = tmp_path / "ckpt"
+    child = textwrap.dedent(f"""
+        import sys, time
+        import orbax.checkpoint as ocp
+        from peftjax.checkpoint import Checkpointer
+        from peftjax.config import from_dict
+        from tests.test_checkpoint import TINY, _state
+        config = from_dict(TINY)
+        trainable, opt_state = _state(config)
+        c = Checkpointer({str(ckpt)!r})
+        c.save(1, trainable, opt_state, config=config, data_position=1)
+        original = ocp.JsonCheckpointHandler._save_fn
+        def stalled(self, *a, **k):
+            result = original(self, *a, **k)
+            print("stalled", flush=True)
+            time.sleep(600)
+            return result
+        ocp.JsonCheckpointHandler._save_fn = stalled
+        c.save(2, trainable, opt_state, config=config, data_position=2)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "stalled"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any("tmp" in p.name for p in ckpt.iterdir())  # the half-written step 2 is there, uncommitted
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    c = Checkpointer(ckpt)
+    assert c.latest_step() == 1
+    restored, restored_opt, meta = c.restore(trainable, opt_state, config=config)
+    assert meta["step"] == 1 and meta["data_position"] == 1
+    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c.save(2, restored, restored_opt, config=config, data_position=2)  # and saving goes on past the debris
+    assert c.latest_step() == 2
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"peft": {"method": "lora", "rank": 8}}, "peft.rank"),
+    ({"peft": {"method": "lora", "rank": 4, "targets": ["q_proj", "v_proj"]}}, "peft.targets"),
+    ({"peft": {"method": "full"}}, "peft.method"),
+    ({"model": {"name": "tiny", "num_layers": 1}}, "model.num_layers"),
+])
+def test_checkpoint_of_another_model_names_the_field(tmp_path, change, field):
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    Checkpointer(tmp_path).save(3, trainable, opt_state, config=config, data_position=3)
+    other = from_dict({**TINY, **change})
+    other_trainable, _ = _state(other)
+    with pytest.raises(PeftjaxError, match=rf"saved with {field}=.* but this model has {field}="):
+        Checkpointer(tmp_path).restore(other_trainable, config=other)
+
+
+def test_checkpoint_holds_only_the_trainable_tree(tmp_path):
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    size = Checkpointer(tmp_path).save(1, trainable, opt_state, config=config, data_position=0)
+    model, _ = prepare_model(config)
+    frozen_bytes = partition.tree_nbytes(partition.split(model)[2])
+    assert 0 < size < frozen_bytes // 2  # never the frozen base (orbax also compresses the zero-initialised leaves)
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert meta["trainable"] and all("lora_" in leaf["path"] for leaf in meta["trainable"])
