@@ -26,3 +26,4 @@ from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, com
                                 mixed_adapters, set_adapter)
 
 __all__ += ["MultiLoRALinear", "adapter_names", "add_adapter", "combine_adapters", "mixed_adapters", "set_adapter"]
+from peftjax.peft import vera  # noqa: E402,F401  (registers VeRA, written against the names above only)

@@ -1,0 +1,76 @@
+"""Every method: gradients reach only its parameters, it trains a tiny model to lower loss, on a quantized base too."""
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from peftjax import partition, peft
+from peftjax.peft.variables import Trainable
+from peftjax.peft.vera import VeRA, VeRAConfig
+from tests.helpers import random_blocks, tiny_model
+
+METHODS = {
+    "lora": (peft.LoRAConfig(rank=4), peft.LoRA),
+    "rslora-gaussian": (peft.LoRAConfig(rank=4, rslora=True, init="gaussian"), peft.LoRA),
+    "dora": (peft.LoRAConfig(rank=4, dora=True), peft.LoRA),
+    "pissa": (peft.LoRAConfig(rank=4, init="pissa"), peft.LoRA),
+    "ia3": (peft.IA3Config(), peft.IA3),
+    "prefix": (peft.PrefixConfig(num_tokens=4, reparameterize=True), peft.Prefix),
+    "prompt": (peft.PromptConfig(num_tokens=4), peft.Prompt),
+    "selective": (peft.SelectiveConfig(), peft.Tuned),
+    "vera": (VeRAConfig(rank=8), VeRA),
+}
+
+
+def loss_fn(graphdef, trainable, frozen, blocks):
+    model = nnx.merge(graphdef, trainable, frozen)
+    logits = model(blocks[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, blocks[:, 1:]).mean()
+
+
+def train(model, blocks, steps=8, lr=1e-2):
+    graphdef, trainable, frozen = partition.split(model)
+    opt = optax.adam(lr)
+    opt_state = opt.init(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, trainable, frozen, blocks)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    losses = []
+    for _ in range(steps):
+        trainable, opt_state, loss = step(trainable, opt_state)
+        losses.append(float(loss))
+    return losses
+
+
+def check_method(name, base):
+    config, var_type = METHODS[name]
+    model = peft.apply(base, config)
+    graphdef, trainable, frozen = partition.split(model)
+    flat = nnx.to_flat_state(trainable)
+    assert flat and all(isinstance(v, var_type) for _, v in flat)
+    assert not any(isinstance(v, Trainable) for _, v in nnx.to_flat_state(frozen))
+    blocks = random_blocks(2, 17, seed=1)
+    # the gradient tree is the trainable tree: the frozen base is a constant, never an output of the jaxpr
+    grad_fn = jax.grad(loss_fn, argnums=1)
+    assert jax.tree.structure(grad_fn(graphdef, trainable, frozen, blocks)) == jax.tree.structure(trainable)
+    jaxpr = jax.make_jaxpr(grad_fn)(graphdef, trainable, frozen, blocks)
+    assert len(jaxpr.jaxpr.outvars) == len(jax.tree.leaves(trainable))
+    losses = train(model, blocks)
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_only_its_parameters(name):
+    check_method(name, tiny_model(num_layers=1))
+
+
+def test_loftq_quantizes_the_base_and_trains():
+    model = peft.apply(tiny_model(num_layers=1), peft.LoRAConfig(rank=4, init="loftq"))
+    assert isinstance(model.layers[0].self_attn.q_proj.base.weight, peft.Quantized)
+    losses = train(model, random_blocks(2, 17, seed=1))
+    assert losses[-1] < losses[0] - 1e-3
