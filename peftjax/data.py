@@ -205,8 +205,8 @@ def sft_rows(records: list[dict], tokenizer, *, seq_len: int, prompt_field: str 
             messages = [{"role": "user", "content": str(_field(record, prompt_field))},
                         {"role": "assistant", "content": str(_field(record, response_field))}]
         ids, flags = render_chat(tokenizer, messages)
-        if tokenizer.eos_id is not None and tokenizer.eos_id not in ids[-1:]:
-            ids, flags = ids + [tokenizer.eos_id], flags + [1]  # learn to stop
+        if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
+            ids, flags = ids + [tokenizer.eos_id], flags + [1]  # learn to stop (chat templates end turns already)
         seqs.append((ids, flags))
     tokens, mask = _rows(seqs, seq_len, _pad_id(tokenizer))
     if not mask.any():

@@ -376,7 +376,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     """
     from tqdm import tqdm
 
-    from peftjax.checkpoint import Checkpointer
+    from peftjax.checkpoint import Checkpointer, directory_bytes
     from peftjax.data import index_batches
 
     out = Path(out)
@@ -415,6 +415,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
             if meta["data_position"] != start_step * tc.grad_accum:
                 raise PeftjaxError(f"checkpoint data position {meta['data_position']} does not match step "
                                    f"{start_step} x train.grad_accum {tc.grad_accum}")
+        ckpt.close()
     # ---- validation is over: from here on the run directory is written
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -434,7 +435,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
     step_times, losses, last_eval = [], [], None
-    compile_s, consecutive, ckpt_bytes, saved_step = None, 0, None, start_step
+    compile_s, consecutive, saved_step = None, 0, start_step
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
 
     def save(step):
@@ -477,12 +478,15 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
                 last_eval = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
                 log({"step": step + 1, **last_eval})
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 != tc.steps and consecutive == 0:
-                ckpt_bytes, saved_step = save(step + 1), step + 1
+                save(step + 1)
+                saved_step = step + 1
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
             bar.update(1)
         bar.close()
-        if saved_step != tc.steps or ckpt_bytes is None:
-            ckpt_bytes, saved_step = save(tc.steps), tc.steps
+        if saved_step != tc.steps:
+            saved_step = tc.steps
+            save(tc.steps)
+        ckpt_bytes = directory_bytes(ckpt_dir / str(tc.steps))
         eval_after = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
         log({"step": tc.steps, **eval_after})
     ckpt.close()
