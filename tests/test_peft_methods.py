@@ -7,7 +7,6 @@ from flax import nnx
 
 from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
-from peftjax.generate import greedy_generate
 from peftjax.peft.vera import VeRAConfig, VeRALinear
 from peftjax.quant import dequantize, quantize
 from tests.helpers import random_blocks, tiny_model
@@ -143,22 +142,6 @@ def test_prompt_from_text_equals_prepending_the_text():
     # repeated to N when the text is shorter
     longer = peft.apply(base, peft.PromptConfig(num_tokens=6, init_ids=(5, 17)))
     np.testing.assert_allclose(longer.prompt.embeddings[...], base.embed_tokens.weight[...][jnp.array([5, 17] * 3)])
-
-
-@pytest.mark.parametrize("config", [peft.PromptConfig(num_tokens=3), peft.PrefixConfig(num_tokens=3),
-                                    peft.LoRAConfig(rank=2)], ids=["prompt", "prefix", "lora"])
-def test_generate_with_active_adapters_matches_full_forward(config):
-    model = peft.apply(tiny_model(), config)
-    if isinstance(config, peft.LoRAConfig):
-        randomise(model, peft.LoRA)
-    prompt = [3, 1, 4, 1, 5]
-    new = greedy_generate(model, prompt, 4)
-    ids = list(prompt)
-    for _ in range(4):
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
-    assert new == ids[len(prompt):]
-    with peft.disable_adapters(model):
-        assert greedy_generate(model, prompt, 4) == greedy_generate(tiny_model(), prompt, 4)
 
 
 def test_selective_trains_only_matching_parameters():

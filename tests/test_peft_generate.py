@@ -1,0 +1,24 @@
+"""Decoding (KV cache, prefill then steps) uses whichever adapters are active, and none inside disable_adapters."""
+import jax.numpy as jnp
+import pytest
+
+from peftjax import peft
+from peftjax.generate import greedy_generate
+from tests.helpers import tiny_model
+from tests.test_peft_methods import randomise
+
+
+@pytest.mark.parametrize("config", [peft.PromptConfig(num_tokens=3), peft.PrefixConfig(num_tokens=3),
+                                    peft.LoRAConfig(rank=2)], ids=["prompt", "prefix", "lora"])
+def test_generate_with_active_adapters_matches_full_forward(config):
+    model = peft.apply(tiny_model(), config)
+    if isinstance(config, peft.LoRAConfig):
+        randomise(model, peft.LoRA)
+    prompt = [3, 1, 4, 1, 5]
+    new = greedy_generate(model, prompt, 4)
+    ids = list(prompt)
+    for _ in range(4):
+        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
+    assert new == ids[len(prompt):]
+    with peft.disable_adapters(model):
+        assert greedy_generate(model, prompt, 4) == greedy_generate(tiny_model(), prompt, 4)
