@@ -41,6 +41,23 @@ def test_dora_closed_form():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_dropout_masks_the_adapter_input_only_while_a_key_is_set():
+    model = randomise(peft.apply(tiny_model(), peft.LoRAConfig(rank=4, alpha=8.0, dropout=0.5, targets="q_proj")),
+                      peft.LoRA)
+    layer = model.layers[0].self_attn.q_proj
+    x = jax.random.normal(jax.random.key(0), (5, layer.d_in))
+    W, A, B = layer.base.weight[...], layer.lora_a[...], layer.lora_b[...]
+    np.testing.assert_allclose(layer(x), x @ W + 2.0 * x @ A @ B, rtol=1e-5, atol=1e-5)  # no key: deterministic
+    peft.set_dropout_key(model, jax.random.key(7))
+    keep = jax.random.bernoulli(layer.dropout_key, 0.5, x.shape)
+    np.testing.assert_allclose(layer(x), x @ W + 2.0 * jnp.where(keep, 2 * x, 0) @ A @ B, rtol=1e-5, atol=1e-5)
+    assert 0.3 < float(keep.mean()) < 0.7
+    peft.set_dropout_key(model, None)
+    assert layer.dropout_key is None
+    with pytest.raises(PeftjaxError, match=r"LoRA dropout must be in \[0, 1\), got 1.0"):
+        peft.apply(tiny_model(), peft.LoRAConfig(dropout=1.0))
+
+
 def test_pissa_factors_are_top_singular_directions_and_residual_keeps_w():
     base = tiny_model()
     model = peft.apply(base, peft.LoRAConfig(rank=4, alpha=8.0, init="pissa", targets="o_proj"))

@@ -74,3 +74,23 @@ def test_loftq_quantizes_the_base_and_trains():
     assert isinstance(model.layers[0].self_attn.q_proj.base.weight, peft.Quantized)
     losses = train(model, random_blocks(2, 17, seed=1))
     assert losses[-1] < losses[0] - 1e-3
+
+
+def test_lora_dropout_inside_a_jitted_step_uses_the_step_key():
+    model = peft.apply(tiny_model(num_layers=1), peft.LoRAConfig(rank=4, dropout=0.3))
+    graphdef, trainable, frozen = partition.split(model)
+    trainable = jax.tree.map(lambda x: x + 0.1, trainable)
+    blocks = random_blocks(2, 9, seed=1)
+
+    @jax.jit
+    def loss_with_key(trainable, key):
+        model = nnx.merge(graphdef, trainable, frozen)
+        peft.set_dropout_key(model, key)
+        logits = model(blocks[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, blocks[:, 1:]).mean()
+
+    a, b = loss_with_key(trainable, jax.random.key(0)), loss_with_key(trainable, jax.random.key(1))
+    assert float(a) != float(b)
+    assert float(a) == float(loss_with_key(trainable, jax.random.key(0)))
+    grads = jax.grad(loss_with_key)(trainable, jax.random.key(0))
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)

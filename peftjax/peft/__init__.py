@@ -8,7 +8,7 @@ See docs/extending.md for adding a method.
 from peftjax.peft import full, ia3, lora, prefix, prompt  # noqa: F401  (registers the built-in methods)
 from peftjax.peft.full import FullConfig, SelectiveConfig
 from peftjax.peft.ia3 import IA3Config, IA3Linear
-from peftjax.peft.lora import DoRALinear, LoRAConfig, LoRALinear, lora_delta
+from peftjax.peft.lora import DoRALinear, LoRAConfig, LoRALinear, lora_delta, set_dropout_key
 from peftjax.peft.merge import disable_adapters, merge, merge_and_unload, requantize_like, unmerge
 from peftjax.peft.prefix import PrefixConfig, PrefixKV, fold_prefix
 from peftjax.peft.prompt import PromptConfig, PromptEmbedding
@@ -21,7 +21,8 @@ __all__ = ["IA3", "Adapter", "AdapterLinear", "AdapterModule", "DoRALinear", "Fu
            "LoRA", "LoRAConfig", "LoRALinear", "Prefix", "PrefixConfig", "PrefixKV", "Prompt", "PromptConfig",
            "PromptEmbedding", "Quantized", "SelectiveConfig", "Trainable", "Tuned", "apply", "count_parameters",
            "disable_adapters", "fold_prefix", "get_method", "lora_delta", "make_config", "merge",
-           "merge_and_unload", "register_method", "registered_methods", "requantize_like", "summary", "unmerge"]
+           "merge_and_unload", "register_method", "registered_methods", "requantize_like", "set_dropout_key",
+           "summary", "unmerge"]
 from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, combine_adapters,  # noqa: E402
                                 mixed_adapters, set_adapter)
 

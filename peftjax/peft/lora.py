@@ -14,6 +14,10 @@ weight's columns: y = m * (W + s B A) x / ||W + s B A||, the norm treated as a c
 
 ``rank_pattern`` / ``alpha_pattern`` map module-path regexes (see :mod:`peftjax.rules`, first match wins) to a rank or
 alpha for those modules; ``layers_to_transform`` keeps only the decoder layers with those indices.
+
+Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only while a key is set with
+:func:`set_dropout_key` (a training step calls it on the merged model with a fresh key each step); without a key the
+forward is deterministic (evaluation, generation).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class LoRAConfig:
     alpha: float = 16.0
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
+    dropout: float = 0.0
     dora: bool = False
     init: str = "default"
     rank_pattern: dict | tuple = ()  # {regex: rank} or ((regex, rank), ...): first match wins
@@ -100,9 +105,11 @@ class LoRALinear(AdapterLinear):
     mergeable = True
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool, key: jax.Array,
-                 init: str = "default"):
+                 init: str = "default", dropout: float = 0.0):
         super().__init__(base)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.dropout = dropout
+        self.dropout_key = nnx.data(None)
         self.scale = lora_scale(rank, alpha, rslora)
         if init == "gaussian":
             a = jax.random.normal(key, (base.d_in, rank), jnp.float32) / rank
@@ -115,7 +122,13 @@ class LoRALinear(AdapterLinear):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.bypass():
             return self.base(x)
-        return self.base(x) + lora_delta(x, self.lora_a[...], self.lora_b[...], self.scale)
+        return self.base(x) + lora_delta(self.dropped(x), self.lora_a[...], self.lora_b[...], self.scale)
+
+    def dropped(self, x: jax.Array) -> jax.Array:
+        if not self.dropout or self.dropout_key is None:
+            return x
+        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)
@@ -147,7 +160,7 @@ class DoRALinear(LoRALinear):
         if bias is not None:
             y = y - bias[...].astype(x.dtype)[None, :]
         factor = (self.magnitude[...] / self.weight_norm()).astype(x.dtype)
-        y = (y + lora_delta(x, self.lora_a[...], self.lora_b[...], self.scale)) * factor[None, :]
+        y = (y + lora_delta(self.dropped(x), self.lora_a[...], self.lora_b[...], self.scale)) * factor[None, :]
         return y if bias is None else y + bias[...].astype(x.dtype)[None, :]
 
     def merge_kernel(self, w_DO):
@@ -161,6 +174,13 @@ class DoRALinear(LoRALinear):
         self.merged_norm = None
         v = w_DO * (norm / self.magnitude[...]).astype(w_DO.dtype)[None, :]
         return v - self.delta_weight().astype(w_DO.dtype)
+
+
+def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
+    """Give every LoRA layer with dropout its own key derived from ``key`` (in place); ``None`` turns dropout off."""
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout]
+    for i, layer in enumerate(layers):
+        layer.dropout_key = None if key is None else jax.random.fold_in(key, i)
 
 
 def pattern_value(path: str, pattern: dict | tuple, default):
@@ -202,6 +222,8 @@ def initialise(layer: LoRALinear, config: LoRAConfig) -> None:
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
+    if not 0.0 <= config.dropout < 1.0:
+        raise PeftjaxError(f"LoRA dropout must be in [0, 1), got {config.dropout}")
     if config.init not in INITS:
         raise PeftjaxError(f"unknown LoRA init {config.init!r}; choose one of {', '.join(INITS)}")
     linears = modules_of_type(model, Linear)
@@ -223,7 +245,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
         if rank > min(base.d_in, base.d_out):
             raise PeftjaxError(f"LoRA rank {rank} is larger than {path} allows "
                                f"(min(d_in, d_out) = {min(base.d_in, base.d_out)}); choose rank <= that")
-        layer = cls(base, rank=rank, alpha=alpha, rslora=config.rslora, key=key, init=config.init)
+        layer = cls(base, rank=rank, alpha=alpha, rslora=config.rslora, key=key, init=config.init,
+                    dropout=config.dropout)
         if config.init in ("pissa", "loftq"):
             initialise(layer, config)
         set_at_path(model, path, layer)
