@@ -505,6 +505,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "trainable_bytes": partition.tree_nbytes(trainable),
         "optimizer_bytes": partition.tree_nbytes(opt_state),
         "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_trainable_bytes": directory_bytes(ckpt_dir / str(tc.steps) / "trainable"),
         "checkpoint_dir": str(ckpt_dir / str(saved_step)),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_load_bytes": peak_rss_load,

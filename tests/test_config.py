@@ -34,3 +34,18 @@ def test_sweep_zip_and_grid():
         expand({"zip": {"a": [1], "b": [1, 2]}})
     with pytest.raises(PeftjaxError, match="non-empty list"):
         expand({"grid": {"a": []}})
+
+
+def test_training_keys_are_validated_by_name():
+    c = from_dict({"train": {"group_learning_rates": {"lora": 1e-3, "prompt": 3e-2}, "grad_accum": 4}})
+    assert c.train.group_learning_rates == {"lora": 1e-3, "prompt": 3e-2} and c.train.grad_accum == 4
+    for data, message in [({"data": {"task": "chat"}}, "data.task must be one of lm, sft, classify"),
+                          ({"data": {"task": "sft"}}, "data.dataset 'shakespeare' is a 'lm' task"),
+                          ({"train": {"schedule": "linear"}}, "train.schedule must be 'cosine' or 'constant'"),
+                          ({"train": {"grad_accum": 0}}, "train.grad_accum must be >= 1"),
+                          ({"train": {"group_learning_rates": {"lora": "fast"}}},
+                           "train.group_learning_rates must be dict"),
+                          ({"data": {"task": "classify", "dataset": "files", "files": ["c.yaml"]}},
+                           "data.labels is empty")]:
+        with pytest.raises(PeftjaxError, match=message):
+            from_dict(data)

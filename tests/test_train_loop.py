@@ -202,3 +202,18 @@ def test_classify_run_reports_accuracy(tmp_path):
     assert 0.0 <= summary["eval_accuracy_after"] <= 1.0 and summary["eval_blocks"] == 6
     text = textwrap.dedent((tmp_path / "run" / "config.yaml").read_text())
     assert "task: classify" in text
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_bfloat16_policy_trains_with_dense_or_quantized_base(quant):
+    from peftjax.train import DTYPES, prepare_model
+
+    config = from_dict({"model": {"name": "tiny", "param_dtype": "bfloat16", "compute_dtype": "bfloat16"},
+                        "peft": {"rank": 4}, "quant": {"format": quant}, "train": {"steps": 2}})
+    graphdef, trainable, frozen = partition.split(prepare_model(config)[0])
+    dense = [x for x in jax.tree.leaves(frozen) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim == 2]
+    assert dense and all(x.dtype == jnp.bfloat16 for x in dense)  # embeddings (and unquantized weights)
+    opt = make_optimizer(config.train)
+    step = make_train_step(graphdef, opt, DTYPES[config.model.compute_dtype])
+    trainable, _, metrics = step(trainable, opt.init(trainable), frozen, random_blocks(2, 17))
+    assert bool(metrics["finite"]) and 4.0 < float(metrics["loss"]) < 7.0  # about ln(256) for random weights

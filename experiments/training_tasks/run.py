@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KEYS = ("steps", "tokens_seen", "trainable_params", "checkpoint_bytes", "eval_loss_before", "eval_loss_after",
+KEYS = ("steps", "tokens_seen", "trainable_params", "checkpoint_bytes", "checkpoint_trainable_bytes", "eval_loss_before", "eval_loss_after",
         "eval_ppl_before", "eval_ppl_after", "eval_accuracy_before", "eval_accuracy_after", "train_loss_first",
         "train_loss_last", "median_step_s", "tokens_per_s", "nonfinite_skipped", "eval_blocks", "wall_s")
 
