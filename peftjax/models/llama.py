@@ -228,19 +228,19 @@ class LlamaForCausalLM(nnx.Module):
         With prompt tuning the virtual tokens are prepended (once: decode steps pass ``prepend_prompt=False``),
         attended to, and dropped from the returned states, so they line up with ``ids_BT``.
         """
-        B, T = ids_BT.shape
-        h = self.embed_tokens(ids_BT.reshape(B * T)).astype(compute_dtype)
+        B, T_in = ids_BT.shape
         n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
-        if n_virtual:
-            if n_virtual + T > self.config.max_position:
-                raise PeftjaxError(f"{n_virtual} virtual prompt tokens + {T} input tokens exceed the context of "
-                                   f"{self.config.max_position}; shorten the input or use fewer virtual tokens")
-            virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
-            h = jnp.concatenate([virtual, h.reshape(B, T, -1)], axis=1).reshape(B * (n_virtual + T), -1)
-            T = n_virtual + T
+        T = n_virtual + T_in
+        if T > self.config.max_position:
+            raise PeftjaxError(f"{n_virtual} virtual prompt tokens + {T_in} input tokens exceed the context of "
+                               f"{self.config.max_position}; shorten the input or use fewer virtual tokens")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.embed_tokens(ids_BT.reshape(B * T_in)).astype(compute_dtype)
+        if n_virtual:
+            virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
+            h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -250,7 +250,7 @@ class LlamaForCausalLM(nnx.Module):
                 new_values.append(new_kv[1])
         new_cache = None if cache is None else KVCache(new_keys, new_values, cache.length + T)
         if n_virtual:
-            h = h.reshape(B, T, -1)[:, n_virtual:].reshape(B * (T - n_virtual), -1)
+            h = h.reshape(B, T, -1)[:, n_virtual:].reshape(B * T_in, -1)
         return self.norm(h), new_cache
 
     def logits(self, h_ND: jax.Array) -> jax.Array:
