@@ -1,4 +1,6 @@
 """Merge / unmerge, disabling, named adapters, weighted combinations, mixed batches and the parameter summary."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,9 +40,11 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores_w(name):
     np.testing.assert_allclose(unloaded(ids), model(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_merge_into_quantized_base_requantizes_and_reports_the_error():
+@pytest.mark.parametrize("name", list(MERGEABLE))
+def test_merge_into_quantized_base_requantizes_and_reports_the_error(name):
     base = quantize_model(tiny_model(), [QuantSpec(format="nf4", block_size=64)])
-    model = randomise(peft.apply(base, peft.LoRAConfig(rank=4, targets="q_proj")), peft.LoRA)
+    config = dataclasses.replace(MERGEABLE[name], targets="q_proj")
+    model = randomise(peft.apply(base, config), peft.Adapter)
     merged, report = peft.merge(model)
     assert set(report) == {"layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"}
     assert all(0 < err < 0.1 for err in report.values())  # about half an NF4 step of the merged weight
@@ -105,6 +109,8 @@ def test_weighted_combination_linear_and_svd():
     peft.set_adapter(combined, "mix")
     peft.set_adapter(svd, "mix")
     np.testing.assert_allclose(combined(ids), svd(ids), rtol=1e-4, atol=1e-4)
+    merged, _ = peft.merge(combined)  # merging a multi-adapter model folds in the active adapter
+    np.testing.assert_allclose(merged(ids), combined(ids), rtol=1e-4, atol=1e-4)
 
 
 class Square(nnx.Module):

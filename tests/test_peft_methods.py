@@ -169,6 +169,13 @@ def test_selective_trains_only_matching_parameters():
                      "layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.weight", "norm.weight"]
 
 
+def test_selective_all_linear_means_linear_weights_only():
+    model = peft.apply(tiny_model(), peft.SelectiveConfig(targets="all-linear"))
+    _, trainable, _ = partition.split(model)
+    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
+    assert len(paths) == 2 * 7 and all(p.endswith("_proj.weight") for p in paths)
+
+
 def test_vera_closed_form():
     model = randomise(peft.apply(tiny_model(), VeRAConfig(rank=4, targets=("q_proj", "up_proj"))), peft.Adapter)
     q, up = model.layers[0].self_attn.q_proj, model.layers[1].mlp.up_proj

@@ -12,7 +12,8 @@ from flax import nnx
 
 from peftjax.peft.registry import register_method
 from peftjax.peft.variables import Tuned
-from peftjax.rules import as_patterns, match_rules, path_str, set_at_path
+from peftjax.models.llama import Linear
+from peftjax.rules import ALL_LINEAR, as_patterns, match_rules, modules_of_type, path_str, set_at_path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,7 +28,11 @@ class SelectiveConfig:
 
 def apply_full(model: nnx.Module, config: FullConfig | SelectiveConfig) -> None:
     params = {path_str(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
-    matched = match_rules(params, as_patterns(config.targets), what="fine-tuning target")
+    patterns = as_patterns(config.targets)
+    if ALL_LINEAR in patterns:  # here: the weights (and biases) of linear layers, not embeddings or norms
+        linears = modules_of_type(model, Linear)
+        params = {p: v for p, v in params.items() if p.rsplit(".", 1)[0] in linears}
+    matched = match_rules(params, patterns, what="fine-tuning target")
     for path in matched:
         set_at_path(model, path, Tuned(params[path].get_value()))
 
