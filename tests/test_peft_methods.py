@@ -182,7 +182,8 @@ def test_vera_closed_form():
     assert isinstance(q, VeRALinear)
     np.testing.assert_array_equal(q.vera_A[...], up.vera_A[...][: q.d_in])  # shared random projections
     x = jax.random.normal(jax.random.key(0), (3, q.d_in))
-    expected = x @ q.base.weight[...] + ((x @ q.vera_A[...]) * q.vera_d[...][None]) @ q.vera_B[...] * q.vera_b[...][None]
+    dx = (x @ q.vera_A[...]) * q.vera_d[...][None]
+    expected = x @ q.base.weight[...] + (dx @ q.vera_B[...]) * q.vera_b[...][None]
     np.testing.assert_allclose(q(x), expected, rtol=1e-5, atol=1e-6)
     _, trainable, _ = partition.split(model)
     assert partition.param_count(trainable) == 2 * (2 * 4 + 64 + 128)  # per layer: d (r) and b (d_out) x 2 kinds

@@ -1,6 +1,5 @@
 """Every method: gradients reach only its parameters, it trains a tiny model to lower loss, on a quantized base too."""
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx

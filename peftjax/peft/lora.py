@@ -1,6 +1,6 @@
-"""LoRA: low-rank adaptation (Hu et al. 2021), its variants, and QLoRA when the base is quantized (Dettmers et al. 2023).
+"""LoRA: low-rank adaptation (Hu et al. 2021), its variants, and QLoRA on a quantized base (Dettmers et al. 2023).
 
-    y = W x + s * B (A x),   A: (d_in, r),  B: (r, d_out),  s = alpha / r   (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r))
+    y = W x + s * B (A x),   A: (d_in, r),  B: (r, d_out),  s = alpha / r   (rsLoRA, Kalajdzievski 2023: alpha/sqrt(r))
 
 Inits (``init``):
     "default"   A Kaiming-uniform (bound 1/sqrt(d_in), as Hugging Face PEFT), B = 0, so the model is unchanged.

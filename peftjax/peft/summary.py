@@ -50,8 +50,9 @@ def summary(model: nnx.Module, *, print_fn=print) -> dict[str, int]:
     frozen = sum(f for _, f in rows.values())
     cut = 100.0 * (1 - trainable / frozen) if frozen else 0.0
     lines.append(f"{'total':<{width}}  {trainable:>12,}  {frozen:>12,}")
-    lines.append(f"trainable {trainable:,} of {trainable + frozen:,} parameters "
-                 f"({100.0 * trainable / max(trainable + frozen, 1):.2f}%); {cut:.0f}% fewer than the base's {frozen:,}")
+    share = 100.0 * trainable / max(trainable + frozen, 1)
+    lines.append(f"trainable {trainable:,} of {trainable + frozen:,} parameters ({share:.2f}%); "
+                 f"{cut:.0f}% fewer than the base's {frozen:,}")
     print_fn("\n".join(lines))
     return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen, "base": frozen,
             "percent_cut": cut}
