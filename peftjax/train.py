@@ -27,6 +27,7 @@ from flax import nnx
 
 from peftjax import partition
 from peftjax.config import RunConfig, to_dict
+from peftjax.data import RecordData
 from peftjax.errors import PeftjaxError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -159,8 +160,8 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype):
-    """(sum of next-token cross-entropies over counted targets, number of counted targets).
+def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype, *, return_hidden: bool = False):
+    """(sum of next-token cross-entropies over counted targets, number of counted targets[, hidden states]).
 
     ``batch`` is a (B, T+1) token array (every target counts) or ``{"tokens", "loss_mask"}`` whose (B, T) mask
     selects the targets (response tokens of SFT, the label word of a verbalizer task)."""
@@ -170,9 +171,11 @@ def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype):
     h, _ = model.hidden_states(inputs, compute_dtype=compute_dtype)
     ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), targets.reshape(-1))
     if not isinstance(batch, dict):
-        return ce.sum(), jnp.asarray(ce.size, jnp.float32)
-    mask = batch["loss_mask"].reshape(-1).astype(jnp.float32)
-    return (ce * mask).sum(), mask.sum()
+        total, count = ce.sum(), jnp.asarray(ce.size, jnp.float32)
+    else:
+        mask = batch["loss_mask"].reshape(-1).astype(jnp.float32)
+        total, count = (ce * mask).sum(), mask.sum()
+    return (total, count, model, h) if return_hidden else (total, count)
 
 
 def lm_loss(graphdef, trainable, frozen, batch, compute_dtype=jnp.float32):
@@ -231,13 +234,10 @@ def make_eval_fn(graphdef, compute_dtype=jnp.float32, candidates=None):
     """Jitted eval of one batch dict: summed loss and target count, and for classification the number of rows
     whose highest-scoring label word (among ``candidates`` token ids, at ``label_pos``) is the gold label."""
     def fn(trainable, frozen, batch):
-        total, count = _ce_terms(graphdef, trainable, frozen, batch, compute_dtype)
+        total, count, model, h = _ce_terms(graphdef, trainable, frozen, batch, compute_dtype, return_hidden=True)
         out = {"loss_sum": total, "count": count}
-        if candidates is not None:
-            model = partition.merge(graphdef, trainable, frozen)
-            tokens = batch["tokens"][:, :-1]
-            B, T = tokens.shape
-            h, _ = model.hidden_states(tokens, compute_dtype=compute_dtype)
+        if candidates is not None:  # scores of the label words at the position before the label
+            B, T = batch["loss_mask"].shape
             h_BD = h[jnp.arange(B) * T + batch["label_pos"]]
             scores = model.logits(h_BD)[:, jnp.asarray(candidates)]
             out["correct"] = ((jnp.argmax(scores, -1) == batch["label"]) * batch["weight"]).sum()
@@ -273,8 +273,8 @@ def evaluate(eval_fn, trainable, frozen, rows, batch_size: int) -> dict:
 @dataclasses.dataclass
 class TaskData:
     """Train and eval rows of one task, plus what the summary reports about them."""
-    train: "object"  # peftjax.data.RecordData
-    eval: "object"
+    train: RecordData
+    eval: RecordData
     lm: bool  # train batches are plain token blocks (every target counts)
     info: dict
 
@@ -300,7 +300,7 @@ def load_data(config: RunConfig, tokenizer) -> TaskData:
         lm = D.lm_data(files, tokenizer, seq_len=dc.seq_len, eval_docs=dc.eval_docs,
                        max_eval_blocks=dc.max_eval_blocks)
         ones = lambda x: np.ones((len(x), dc.seq_len), np.float32)  # noqa: E731
-        return TaskData(D.RecordData(lm.train, ones(lm.train)), D.RecordData(lm.eval, ones(lm.eval)), True,
+        return TaskData(RecordData(lm.train, ones(lm.train)), RecordData(lm.eval, ones(lm.eval)), True,
                         {"train_blocks": int(len(lm.train)), "eval_blocks": int(len(lm.eval)),
                          "eval_docs": lm.eval_docs})
     if dc.dataset == "polarity":

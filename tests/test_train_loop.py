@@ -181,6 +181,8 @@ def test_resume_with_a_different_config_names_the_key(tmp_path):
         run(changed, tmp_path / "run", progress=False, resume=True)
     with pytest.raises(PeftjaxError, match="already exists and is not empty; pass --resume"):
         run(config, tmp_path / "run", progress=False)
+    with pytest.raises(PeftjaxError, match="--resume and --overwrite contradict"):
+        run(config, tmp_path / "run", progress=False, resume=True, overwrite=True)
 
 
 def _as_dict(config):
