@@ -425,7 +425,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     metrics_path = out / "metrics.jsonl"
     kept = []
     if start_step and metrics_path.exists():  # drop records the killed run wrote after its last checkpoint
-        kept = [line for line in metrics_path.read_text().splitlines()
+        kept = [line for line in metrics_path.read_text().split("\n")[:-1]  # [:-1]: a line cut by the kill
                 if line.strip() and json.loads(line)["step"] <= start_step]
     metrics_path.write_text("".join(line + "\n" for line in kept))
 
