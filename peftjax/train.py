@@ -160,12 +160,37 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype, *, return_hidden: bool = False):
-    """(sum of next-token cross-entropies over counted targets, number of counted targets[, hidden states]).
+class RematLayer(nnx.Module):
+    """A decoder layer whose activations are recomputed in the backward pass (activation checkpointing): only the
+    layer's inputs are kept between the forward and the backward pass, at the cost of a second forward through
+    the layer. Array arguments are traced; everything else (shapes, ``None`` caches) is passed through as is."""
+
+    def __init__(self, layer: nnx.Module):
+        self.layer = layer
+
+    def __call__(self, *args, **kwargs):
+        graphdef, state = nnx.split(self.layer)
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        traced = [isinstance(x, jax.Array) for x in leaves]
+
+        def forward(state, arrays):
+            it = iter(arrays)
+            a, k = jax.tree.unflatten(treedef, [next(it) if t else x for x, t in zip(leaves, traced)])
+            return nnx.merge(graphdef, state)(*a, **k)
+
+        return jax.checkpoint(forward)(state, [x for x, t in zip(leaves, traced) if t])
+
+
+def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype, *, return_hidden: bool = False,
+              remat: bool = False):
+    """(sum of next-token cross-entropies over counted targets, number of counted targets[, model, hidden states]).
 
     ``batch`` is a (B, T+1) token array (every target counts) or ``{"tokens", "loss_mask"}`` whose (B, T) mask
-    selects the targets (response tokens of SFT, the label word of a verbalizer task)."""
+    selects the targets (response tokens of SFT, the label word of a verbalizer task). ``remat`` wraps every
+    decoder layer of the merged (per-call) model in :class:`RematLayer`."""
     model = partition.merge(graphdef, trainable, frozen)
+    if remat:
+        model.layers = nnx.List([RematLayer(layer) for layer in model.layers])
     tokens = batch["tokens"] if isinstance(batch, dict) else batch
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     h, _ = model.hidden_states(inputs, compute_dtype=compute_dtype)
@@ -190,12 +215,10 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, grad_accu
     With ``grad_accum > 1`` the batch has a leading micro-batch axis; gradients of the summed loss are
     accumulated in a ``lax.scan`` and divided by the total number of counted targets (token-weighted, as one big
     batch would be). A non-finite loss or gradient norm skips the update (``metrics["finite"]`` is False): the
-    parameters and optimizer state come out unchanged. ``remat`` recomputes activations in the backward pass,
-    keeping only matmul outputs without batch dimensions (``jax.checkpoint`` policy).
+    parameters and optimizer state come out unchanged. ``remat`` recomputes each decoder layer's activations in
+    the backward pass (see :class:`RematLayer`).
     """
-    terms = functools.partial(_ce_terms, graphdef, compute_dtype=compute_dtype)
-    if remat:
-        terms = jax.checkpoint(terms, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    terms = functools.partial(_ce_terms, graphdef, compute_dtype=compute_dtype, remat=remat)
 
     def mean_loss(trainable, frozen, batch):
         total, count = terms(trainable, frozen, batch)

@@ -53,7 +53,10 @@ def test_remat_gives_the_same_step():
     blocks = random_blocks(2, 17, seed=2)
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     t1, _, _ = make_train_step(graphdef, opt)(copy(trainable), opt.init(trainable), frozen, blocks)
-    t2, _, _ = make_train_step(graphdef, opt, remat=True)(copy(trainable), opt.init(trainable), frozen, blocks)
+    remat = make_train_step(graphdef, opt, remat=True)
+    jaxpr = str(jax.make_jaxpr(remat)(trainable, opt.init(trainable), frozen, blocks))
+    assert jaxpr.count("remat") == tiny_model().config.num_layers  # one checkpointed region per decoder layer
+    t2, _, _ = remat(copy(trainable), opt.init(trainable), frozen, blocks)
     for a, b in zip(_leaves(t1), _leaves(t2)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
