@@ -110,6 +110,28 @@ def cmd_quant_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from peftjax.report import write_sweep_report
+    from peftjax.sweep import parse_shard, run_sweep
+
+    out = Path(args.out)
+    results = run_sweep(args.spec, out, workers=args.workers, shard=parse_shard(args.shard))
+    failed = [r for r in results if r["status"] == "failed"]
+    print(f"{len(results) - len(failed)} points finished, {len(failed)} failed; results in {out / 'results.jsonl'}")
+    if len(failed) < len(results):
+        write_sweep_report(out)
+        print(f"report written to {out / 'report.md'}")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from peftjax.report import write_sweep_report
+
+    text, plots = write_sweep_report(args.dir)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--double-quant", action="store_true", help="QLoRA with double-quantized scales")
     b.add_argument("--times", action="store_true", help="also print every timed step")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sweep", help="run every point of a config's sweep section (resumable, parallel, sharded)")
+    s.add_argument("spec")
+    s.add_argument("--out", required=True, help="sweep directory: one run directory per point + results.jsonl")
+    s.add_argument("--workers", type=int, default=1, help="points run in parallel processes")
+    s.add_argument("--shard", help="I/N: run only points i with i %% N == I (N machines share one --out)")
+    s.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="report.md, report.csv and PNG plots of a sweep directory")
+    rp.add_argument("dir")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("quant-report", help="bits/param, bytes, weight error and held-out loss per quant format")
     r.add_argument("--model", default="smollm2")

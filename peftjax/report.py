@@ -28,3 +28,175 @@ def comparison_table(summaries: list[dict]) -> str:
             f"| {_mem(s['peak_rss_bytes'])} | {s['median_step_s']:.2f} s | {s['tokens_per_s']:.0f} "
             f"| {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- sweep reports
+METRICS = [("eval_loss_before", "eval loss before", "{:.3f}"), ("eval_loss_after", "eval loss after", "{:.3f}"),
+           ("trainable_params", "trainable params", "{:,.0f}"), ("frozen_bytes", "frozen MiB", None),
+           ("peak_rss_bytes", "peak RSS MiB", None), ("tokens_per_s", "tokens/s", "{:.0f}"),
+           ("median_step_s", "step s", "{:.2f}")]
+
+
+def load_results(sweep_dir) -> list[dict]:
+    """The latest finished line of every point in ``sweep_dir/results.jsonl`` (failed points are left out)."""
+    import json
+    from pathlib import Path
+
+    from peftjax.errors import PeftjaxError
+
+    path = Path(sweep_dir) / "results.jsonl"
+    if not path.exists():
+        raise PeftjaxError(f"{path} not found: run `peftjax sweep SPEC --out {sweep_dir}` first")
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record["status"] in ("ok", "skipped"):
+                latest[record["name"]] = record
+    if not latest:
+        raise PeftjaxError(f"{path} holds no finished point yet")
+    return list(latest.values())
+
+
+def _group_key(point: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in point.items() if k not in ("train.seed", "name")))
+
+
+def group_results(records: list[dict]) -> list[dict]:
+    """Points that differ only in ``train.seed`` become one row with mean and std of every metric."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r["point"]), []).append(r)
+    rows = []
+    for key, members in groups.items():
+        row = {"values": dict(key), "seeds": len(members), "names": [m["name"] for m in members]}
+        for metric, _, _ in METRICS:
+            vals = np.array([m["summary"][metric] for m in members], dtype=float)
+            row[metric] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+        rows.append(row)
+
+    def sort_key(row):
+        return tuple((0, float(v)) if _is_number(v) else (1, v) for _, v in sorted(row["values"].items()))
+
+    return sorted(rows, key=sort_key)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _cell(metric: str, mean: float, std: float, fmt: str | None, seeds: int) -> str:
+    if fmt is None:
+        mean, std, fmt = mean / MIB, std / MIB, "{:.1f}"
+    text = fmt.format(mean)
+    return text + (" ± " + fmt.format(std) if seeds > 1 else "")
+
+
+def sweep_table(rows: list[dict]) -> tuple[str, list[list[str]]]:
+    keys = sorted({k for r in rows for k in r["values"]})
+    header = keys + ["seeds"] + [label for _, label, _ in METRICS]
+    body = [[r["values"].get(k, "") for k in keys] + [str(r["seeds"])] +
+            [_cell(m, *r[m], fmt, r["seeds"]) for m, _, fmt in METRICS] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines), [header] + body
+
+
+def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
+    """PNG plots next to the table; returns the file names written."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(sweep_dir)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    rank_key = "peft.rank"
+    if any(rank_key in r["values"] for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines: dict[str, list] = {}
+        for r in rows:
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(r["values"].items()) if k != rank_key)
+            lines.setdefault(label or "all", []).append((float(r["values"][rank_key]), *r["eval_loss_after"]))
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=label,
+                        capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel("held-out loss after training")
+        ax.legend(fontsize=7)
+        save(fig, "eval_loss_vs_rank.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        bits = 8.0 * r["frozen_bytes"][0] / max(1, frozen_params(records, r["names"][0]))
+        ax.scatter(bits, r["frozen_bytes"][0] / MIB)
+        ax.annotate(_short(r["values"]), (bits, r["frozen_bytes"][0] / MIB), fontsize=6)
+    ax.set_xlabel("bits per frozen parameter")
+    ax.set_ylabel("frozen weight memory (MiB)")
+    save(fig, "memory_vs_bits.png")
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    labels = [_short(r["values"]) for r in rows]
+    ax.bar(range(len(rows)), [r["tokens_per_s"][0] for r in rows], yerr=[r["tokens_per_s"][1] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("training tokens/s")
+    save(fig, "tokens_per_s.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec in sorted(records, key=lambda r: r["name"]):
+        metrics = out / rec["name"] / "metrics.jsonl"
+        if metrics.exists():
+            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            steps = [s for s in steps if "loss" in s]
+            ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=rec["name"], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=6)
+    save(fig, "loss_curves.png")
+    return written
+
+
+def frozen_params(records: list[dict], name: str) -> int:
+    summary = next(r["summary"] for r in records if r["name"] == name)
+    return summary["total_params"] - summary["trainable_params"]
+
+
+def _short(values: dict) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(values.items())) or "base"
+
+
+def write_sweep_report(sweep_dir) -> tuple[str, list[str]]:
+    """``report.md``, ``report.csv`` and PNG plots in ``sweep_dir``; returns the markdown and the plot names."""
+    import csv
+    from pathlib import Path
+
+    records = load_results(sweep_dir)
+    rows = group_results(records)
+    table, cells = sweep_table(rows)
+    out = Path(sweep_dir)
+    with open(out / "report.csv", "w", newline="") as f:
+        csv.writer(f).writerows(cells)
+    plots = sweep_plots(out, records, rows)
+    text = (f"# Sweep report: {out.name}\n\n{len(records)} finished runs in {len(rows)} groups "
+            f"(mean ± std over seeds where a group has several).\n\n{table}\n\n"
+            + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
+    (out / "report.md").write_text(text)
+    return text, plots

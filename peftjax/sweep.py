@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 
 import yaml
 
@@ -55,3 +56,108 @@ def point_name(point: dict) -> str:
 def as_overrides(point: dict) -> list[str]:
     return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
             for key, value in point.items()]
+
+
+# ------------------------------------------------------------------------------------------------- the runner
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise PeftjaxError(f"--shard expects I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def plan(spec_path: str, out: Path, shard: tuple[int, int] = (0, 1)) -> tuple[dict, list[dict]]:
+    """Validate the spec and every point (before anything runs) and claim ``out`` for this sweep.
+
+    Returns the base config dict and this shard's points. ``out`` remembers its spec in ``sweep.yaml``; a
+    directory that holds another sweep is refused, so two studies never mix their results.
+    """
+    from peftjax.config import from_dict, load_dict
+
+    base = load_dict(spec_path)
+    section = base.pop("sweep", None)
+    if not section:
+        raise PeftjaxError(f"{spec_path} has no sweep section (sweep: {{grid: ..., zip: ...}}); use `peftjax train`")
+    points = expand(section)
+    names = [point_name(p) for p in points]
+    if len(set(names)) != len(names):
+        raise PeftjaxError("two sweep points get the same directory name; give the zip rows distinct names")
+    for point in points:
+        from_dict(base, as_overrides(point))  # unknown keys and bad values fail here, before any run
+    record = yaml.safe_dump({**base, "sweep": section}, sort_keys=True)
+    marker = out / "sweep.yaml"
+    if marker.exists():
+        if marker.read_text() != record:
+            raise PeftjaxError(f"{out} belongs to another sweep (its sweep.yaml differs from {spec_path}); "
+                               "choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise PeftjaxError(f"{out} exists and is not a sweep directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(record)
+    index, count = shard
+    return base, [p for i, p in enumerate(points) if i % count == index]
+
+
+def _append_result(out: Path, line: dict) -> None:
+    """Append one JSON line under an exclusive lock: workers and shards share results.jsonl."""
+    import fcntl
+    import json
+
+    with open(out / "results.jsonl", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_point(spec_path: str, out: Path, point: dict) -> dict:
+    """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    name = point_name(point)
+    run_dir = out / name
+    if (run_dir / "summary.json").exists():
+        return {"name": name, "point": point, "status": "skipped",
+                "summary": json.loads((run_dir / "summary.json").read_text())}
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec_path, "--out", str(run_dir), "--no-progress",
+           "--overwrite"]
+    for override in as_overrides(point):
+        cmd += ["--set", override]
+    (out / "logs").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "logs" / f"{name}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode == 0 and (run_dir / "summary.json").exists():
+        line = {"name": name, "point": point, "status": "ok",
+                "summary": json.loads((run_dir / "summary.json").read_text())}
+    else:
+        lines = (out / "logs" / f"{name}.log").read_text().strip().splitlines()
+        line = {"name": name, "point": point, "status": "failed", "exit_code": proc.returncode,
+                "error": lines[-1] if lines else "", "wall_s": time.perf_counter() - start}
+    _append_result(out, line)
+    return line
+
+
+def run_sweep(spec_path: str, out: Path, *, workers: int = 1, shard: tuple[int, int] = (0, 1),
+              progress=print) -> list[dict]:
+    """Run every (unfinished) point of this shard, ``workers`` at a time; a failing point does not stop the rest."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    _, points = plan(spec_path, out, shard)
+    if workers < 1:
+        raise PeftjaxError(f"--workers must be >= 1, got {workers}")
+    results = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_point, spec_path, out, p) for p in points]
+        for i, future in enumerate(as_completed(futures), 1):
+            line = future.result()
+            results.append(line)
+            detail = line.get("error", "") if line["status"] == "failed" else ""
+            progress(f"[{i}/{len(points)}] {line['name']}: {line['status']} {detail}".rstrip())
+    return results
