@@ -439,6 +439,11 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
                 raise PeftjaxError(f"checkpoint data position {meta['data_position']} does not match step "
                                    f"{start_step} x train.grad_accum {tc.grad_accum}")
         ckpt.close()
+    if start_step > tc.steps:
+        raise PeftjaxError(f"the checkpoint in {ckpt_dir} is at step {start_step}, past train.steps={tc.steps}")
+    if len(data.train) < tc.batch_size:
+        raise PeftjaxError(f"only {len(data.train)} training rows for train.batch_size {tc.batch_size}; "
+                           "lower train.batch_size or add data")
     # ---- validation is over: from here on the run directory is written
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -457,7 +462,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     if state["eval_before"] is None:
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
-    step_times, losses, last_eval = [], [], None
+    step_times, losses = [], []
     compile_s, consecutive, saved_step = None, 0, start_step
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
 
@@ -498,8 +503,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
                 raise PeftjaxError(f"stopped at step {step + 1}: {consecutive} non-finite losses or gradients in a "
                                    f"row (updates skipped); lower train.learning_rate. Last good checkpoint: {where}")
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 != tc.steps:
-                last_eval = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
-                log({"step": step + 1, **last_eval})
+                log({"step": step + 1, **evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)})
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 != tc.steps and consecutive == 0:
                 save(step + 1)
                 saved_step = step + 1
