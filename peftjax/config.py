@@ -125,6 +125,8 @@ def _type_ok(value: Any, tp) -> bool:
 
 def _coerce_float(value: Any, tp) -> Any:
     """YAML 1.1 reads ``3e-4`` (no dot) as a string; accept it where the key wants a float."""
+    if typing.get_origin(tp) is dict and isinstance(value, dict):
+        return {k: _coerce_float(v, typing.get_args(tp)[1]) for k, v in value.items()}
     wants_float = tp is float or float in typing.get_args(tp)
     if wants_float and isinstance(value, str):
         try:

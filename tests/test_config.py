@@ -37,7 +37,7 @@ def test_sweep_zip_and_grid():
 
 
 def test_training_keys_are_validated_by_name():
-    c = from_dict({"train": {"group_learning_rates": {"lora": 1e-3, "prompt": 3e-2}, "grad_accum": 4}})
+    c = from_dict({"train": {"group_learning_rates": {"lora": 1e-3, "prompt": "3e-2"}, "grad_accum": 4}})
     assert c.train.group_learning_rates == {"lora": 1e-3, "prompt": 3e-2} and c.train.grad_accum == 4
     for data, message in [({"data": {"task": "chat"}}, "data.task must be one of lm, sft, classify"),
                           ({"data": {"task": "sft"}}, "data.dataset 'shakespeare' is a 'lm' task"),
