@@ -50,3 +50,27 @@ def test_qat_gradient_reaches_weights_straight_through():
     grads = jax.grad(lm_loss, argnums=1)(graphdef, trainable, frozen, random_blocks(2, 9))
     flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
     assert float(np.abs(flat["layers.0.mlp.up_proj.weight"]).max()) > 0
+
+
+def _train_lora(model, blocks, steps=80, **lora):
+    model = peft.apply(model, peft.LoRAConfig(rank=8, alpha=16.0, **lora))
+    graphdef, trainable, frozen = partition.split(model)
+    optimizer = make_optimizer(from_dict({"train": {"steps": steps, "learning_rate": 1e-2}}).train)
+    step = make_train_step(graphdef, optimizer)
+    opt_state = optimizer.init(trainable)
+    for _ in range(steps):
+        trainable, opt_state, _ = step(trainable, opt_state, frozen, blocks)
+    return partition.merge(graphdef, trainable, frozen)
+
+
+def test_lora_trained_against_its_quantized_merge_beats_plain_lora_after_quantization():
+    """LoRA trained with fake_quant(W + sAB) beats plain LoRA once each is merged and the merge quantized."""
+    from peftjax.peft.merge import merge_and_unload
+
+    blocks = random_blocks(8, 33, seed=12)
+    base = tiny_model()
+    results = {}
+    for name, extra in (("plain", {}), ("qat", {"qat_format": SPEC.format, "qat_block_size": SPEC.block_size})):
+        trained = _train_lora(base, blocks, **extra)
+        results[name] = _loss(quantize_model(merge_and_unload(trained), [SPEC]), blocks)
+    assert results["qat"] < 0.95 * results["plain"], results

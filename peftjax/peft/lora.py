@@ -15,6 +15,10 @@ weight's columns: y = m * (W + s B A) x / ||W + s B A||, the norm treated as a c
 ``rank_pattern`` / ``alpha_pattern`` map module-path regexes (see :mod:`peftjax.rules`, first match wins) to a rank or
 alpha for those modules; ``layers_to_transform`` keeps only the decoder layers with those indices.
 
+Quantization-aware LoRA (``qat_format="nf4"`` etc.): the forward uses ``fake_quant(W + s A B)``, the quantized
+merge that deployment will run, with a straight-through gradient, so the adapter learns to survive being merged into
+a quantized base (see :func:`peftjax.peft.merge.merge`, which dequantizes, adds and requantizes).
+
 Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only while a key is set with
 :func:`set_dropout_key` (a training step calls it on the merged model with a fresh key each step); without a key the
 forward is deterministic (evaluation, generation).
@@ -35,7 +39,7 @@ from peftjax.peft.merge import requantize_like
 from peftjax.peft.registry import register_method
 from peftjax.peft.variables import LoRA, Quantized
 from peftjax.peft.wrapper import AdapterLinear
-from peftjax.quant import dequantize, quantize
+from peftjax.quant import dequantize, fake_quant, get_format, quantize
 from peftjax.rules import as_patterns, match_rules, modules_of_type, pattern_matches, set_at_path
 
 INITS = ("default", "gaussian", "pissa", "loftq")
@@ -56,6 +60,8 @@ class LoRAConfig:
     loftq_format: str = "nf4"
     loftq_block_size: int = 64
     loftq_iters: int = 1
+    qat_format: str | None = None  # train against fake_quant(W + s A B) in this format (quantization-aware LoRA)
+    qat_block_size: int = 64
     seed: int = 0
 
 
@@ -105,8 +111,9 @@ class LoRALinear(AdapterLinear):
     mergeable = True
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool, key: jax.Array,
-                 init: str = "default", dropout: float = 0.0):
+                 init: str = "default", dropout: float = 0.0, qat: tuple[str, int] | None = None):
         super().__init__(base)
+        self.qat = qat
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.dropout = dropout
         self.dropout_key = nnx.data(None)
@@ -122,7 +129,15 @@ class LoRALinear(AdapterLinear):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.bypass():
             return self.base(x)
+        if self.qat is not None:
+            return self.fake_quant_merged(x)
         return self.base(x) + lora_delta(self.dropped(x), self.lora_a[...], self.lora_b[...], self.scale)
+
+    def fake_quant_merged(self, x: jax.Array) -> jax.Array:
+        fmt, block_size = self.qat
+        w = fake_quant(self.base.kernel(jnp.float32) + self.delta_weight(), fmt, block_size=block_size)
+        y = self.dropped(x) @ w.astype(x.dtype)
+        return y if self.base.bias is None else y + self.base.bias[...].astype(x.dtype)[None, :]
 
     def dropped(self, x: jax.Array) -> jax.Array:
         if not self.dropout or self.dropout_key is None:
@@ -226,6 +241,10 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
         raise PeftjaxError(f"LoRA dropout must be in [0, 1), got {config.dropout}")
     if config.init not in INITS:
         raise PeftjaxError(f"unknown LoRA init {config.init!r}; choose one of {', '.join(INITS)}")
+    if config.qat_format is not None:
+        get_format(config.qat_format)  # unknown formats fail here, listing the known ones
+        if config.dora:
+            raise PeftjaxError("qat_format is supported for plain LoRA, not DoRA; set dora=false or qat_format=null")
     linears = modules_of_type(model, Linear)
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
@@ -245,8 +264,9 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
         if rank > min(base.d_in, base.d_out):
             raise PeftjaxError(f"LoRA rank {rank} is larger than {path} allows "
                                f"(min(d_in, d_out) = {min(base.d_in, base.d_out)}); choose rank <= that")
+        qat = None if config.qat_format is None else (config.qat_format, config.qat_block_size)
         layer = cls(base, rank=rank, alpha=alpha, rslora=config.rslora, key=key, init=config.init,
-                    dropout=config.dropout)
+                    dropout=config.dropout, qat=qat)
         if config.init in ("pissa", "loftq"):
             initialise(layer, config)
         set_at_path(model, path, layer)
