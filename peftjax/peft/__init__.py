@@ -28,3 +28,6 @@ from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, com
 
 __all__ += ["MultiLoRALinear", "adapter_names", "add_adapter", "combine_adapters", "mixed_adapters", "set_adapter"]
 from peftjax.peft import vera  # noqa: E402,F401  (registers VeRA, written against the names above only)
+from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_model  # noqa: E402
+
+__all__ += ["load_hf_adapter", "save_hf_adapter", "save_hf_model"]
