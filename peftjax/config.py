@@ -33,6 +33,7 @@ class PeftConfig:
     alpha: float = 16.0
     targets: str | list[str] = "all-linear"
     rslora: bool = False
+    dropout: float = 0.0  # LoRA dropout on the adapter input; its key per step is fold_in(seed, step)
 
 
 # the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token
@@ -216,6 +217,7 @@ def validate(config: RunConfig) -> None:
         (config.peft.method in registered_methods(),
          f"peft.method {config.peft.method!r} is unknown; registered methods: {', '.join(registered_methods())}"),
         (config.peft.rank >= 1, f"peft.rank must be >= 1, got {config.peft.rank}"),
+        (0.0 <= config.peft.dropout < 1.0, f"peft.dropout must be in [0, 1), got {config.peft.dropout}"),
         (config.data.seq_len >= 2, f"data.seq_len must be >= 2, got {config.data.seq_len}"),
         (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
         (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),

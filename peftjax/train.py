@@ -182,13 +182,18 @@ class RematLayer(nnx.Module):
 
 
 def _ce_terms(graphdef, trainable, frozen, batch, compute_dtype, *, return_hidden: bool = False,
-              remat: bool = False):
+              remat: bool = False, dropout_key=None):
     """(sum of next-token cross-entropies over counted targets, number of counted targets[, model, hidden states]).
 
     ``batch`` is a (B, T+1) token array (every target counts) or ``{"tokens", "loss_mask"}`` whose (B, T) mask
     selects the targets (response tokens of SFT, the label word of a verbalizer task). ``remat`` wraps every
-    decoder layer of the merged (per-call) model in :class:`RematLayer`."""
+    decoder layer of the merged (per-call) model in :class:`RematLayer`; ``dropout_key`` switches adapter
+    dropout on for this call."""
     model = partition.merge(graphdef, trainable, frozen)
+    if dropout_key is not None:
+        from peftjax.peft import set_dropout_key
+
+        set_dropout_key(model, dropout_key)
     if remat:
         model.layers = nnx.List([RematLayer(layer) for layer in model.layers])
     tokens = batch["tokens"] if isinstance(batch, dict) else batch
@@ -216,29 +221,33 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, grad_accu
     accumulated in a ``lax.scan`` and divided by the total number of counted targets (token-weighted, as one big
     batch would be). A non-finite loss or gradient norm skips the update (``metrics["finite"]`` is False): the
     parameters and optimizer state come out unchanged. ``remat`` recomputes each decoder layer's activations in
-    the backward pass (see :class:`RematLayer`).
+    the backward pass (see :class:`RematLayer`). ``dropout_key`` (optional 5th argument) turns adapter dropout on;
+    the loop derives it from (seed, step), so a resumed run draws the same masks.
     """
     terms = functools.partial(_ce_terms, graphdef, compute_dtype=compute_dtype, remat=remat)
 
-    def mean_loss(trainable, frozen, batch):
-        total, count = terms(trainable, frozen, batch)
+    def mean_loss(trainable, frozen, batch, key):
+        total, count = terms(trainable, frozen, batch, dropout_key=key)
         return total / jnp.maximum(count, 1.0)
 
-    def loss_and_grads(trainable, frozen, batch):
+    def loss_and_grads(trainable, frozen, batch, key):
         if grad_accum == 1:
-            return jax.value_and_grad(mean_loss)(trainable, frozen, batch)
+            return jax.value_and_grad(mean_loss)(trainable, frozen, batch, key)
 
-        def micro(carry, mb):
-            (total, count), grads = jax.value_and_grad(terms, has_aux=True)(trainable, frozen, mb)
+        def micro(carry, xs):
+            mb, i = xs
+            mkey = None if key is None else jax.random.fold_in(key, i)
+            (total, count), grads = jax.value_and_grad(
+                lambda t: terms(t, frozen, mb, dropout_key=mkey), has_aux=True)(trainable)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-        (total, count, grads), _ = jax.lax.scan(micro, zeros, batch)
+        (total, count, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(grad_accum)))
         n = jnp.maximum(count, 1.0)
         return total / n, jax.tree.map(lambda g: g / n, grads)
 
-    def step(trainable, opt_state, frozen, batch):
-        loss, grads = loss_and_grads(trainable, frozen, batch)
+    def step(trainable, opt_state, frozen, batch, dropout_key=None):
+        loss, grads = loss_and_grads(trainable, frozen, batch, dropout_key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -465,6 +474,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     step_times, losses = [], []
     compile_s, consecutive, saved_step = None, 0, start_step
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
+    dropout_root = jax.random.key(tc.seed)  # the run's only randomness after init: dropout keys by step
 
     def save(step):
         return ckpt.save(step, trainable, opt_state, config=config, data_position=step * tc.grad_accum,
@@ -480,7 +490,9 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         for step in range(start_step, tc.steps):
             batch = data.train_batch([next(micro) for _ in range(tc.grad_accum)])
             t0 = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, jax.tree.map(jnp.asarray, batch))
+            key = jax.random.fold_in(dropout_root, step) if config.peft.dropout else None
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, jax.tree.map(jnp.asarray, batch),
+                                                    key)
             metrics = jax.device_get(metrics)  # the one host sync of a step
             dt = time.perf_counter() - t0
             if compile_s is None:

@@ -222,3 +222,18 @@ def test_bfloat16_policy_trains_with_dense_or_quantized_base(quant):
     step = make_train_step(graphdef, opt, DTYPES[config.model.compute_dtype])
     trainable, _, metrics = step(trainable, opt.init(trainable), frozen, random_blocks(2, 17))
     assert bool(metrics["finite"]) and 4.0 < float(metrics["loss"]) < 7.0  # about ln(256) for random weights
+
+
+def test_dropout_key_makes_the_step_stochastic_but_reproducible():
+    graphdef, trainable, frozen = partition.split(peft.apply(tiny_model(), LoRAConfig(rank=4, dropout=0.5)))
+    opt = make_optimizer(_train())
+    blocks = random_blocks(2, 17, seed=5)
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    for accum, batch in ((1, blocks), (2, blocks.reshape(2, 1, 17))):
+        step = make_train_step(graphdef, opt, grad_accum=accum)
+        # B starts at zero, so the first loss is dropout-free; the update of B sees the dropped inputs
+        keys = (jax.random.key(0), jax.random.key(0), jax.random.key(1)) + ((None,) if accum == 1 else ())
+        after = [np.concatenate([x.ravel() for x in _leaves(step(copy(trainable), opt.init(trainable), frozen,
+                                                                 batch, key)[0])]) for key in keys]
+        np.testing.assert_array_equal(after[0], after[1])
+        assert all(not np.array_equal(after[0], other) for other in after[2:])
