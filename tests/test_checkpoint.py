@@ -36,7 +36,7 @@ def _config_file(tmp_path, steps):
     path.write_text(textwrap.dedent(f"""\
         name: k
         model: {{name: tiny}}
-        peft: {{method: lora, rank: 4}}
+        peft: {{method: lora, rank: 4, dropout: 0.1}}  # dropout: the resumed run must draw the same masks
         data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 2, files: [{', '.join(map(str, _files(tmp_path)))}]}}
         train: {{steps: {steps}, batch_size: 2, learning_rate: 0.01, warmup_steps: 5, grad_accum: 2,
                  save_every: 10, keep_checkpoints: 2, log_every: 1}}
