@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -146,26 +147,37 @@ def _write_dir_atomically(directory: Path, texts: dict[str, str], tensor_files: 
 
 
 def save_hf_model(model: nnx.Module, directory) -> Path:
-    """A Llama-layout Hugging Face model directory (``config.json`` + ``model.safetensors``): adapters merged,
-    quantized weights dequantized to float32."""
+    """A Llama-layout Hugging Face model directory (``config.json`` + ``model.safetensors``): each adapter merged
+    into its base in float32 (a quantized base is dequantized first, never requantized), so the export computes
+    what the adapted model computes."""
     from safetensors.numpy import save_file
 
     from peftjax.models.llama import Linear
-    from peftjax.peft.merge import merge_and_unload
-    from peftjax.peft.wrapper import AdapterModule
+    from peftjax.peft.wrapper import AdapterLinear, AdapterModule
 
-    if any(isinstance(m, AdapterModule) for _, m in nnx.iter_modules(model)):
-        model = merge_and_unload(model)
-    c = model.config
-    tensors = {}
-    for path, module in nnx.iter_modules(model):
-        name = ".".join(map(str, path))
-        if isinstance(module, Linear):
-            tensors[f"model.{name}.weight"] = np.ascontiguousarray(np.asarray(module.kernel(np.float32)).T)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    model = nnx.clone(model)  # merge_kernel of some methods records state on the module
+    modules = {".".join(map(str, path)): m for path, m in nnx.iter_modules(model)}
+    kernels: dict[str, np.ndarray] = {}
+    for name, module in modules.items():
+        if isinstance(module, AdapterLinear):
+            if not module.mergeable:
+                raise PeftjaxError(f"{type(module).__name__} at {name} cannot be merged into a weight; "
+                                   "export it as an adapter instead")
+            w = module.base.kernel(jnp.float32)
+            kernels[name] = np.asarray(w if module.merged or module.disabled else module.merge_kernel(w))
+        elif isinstance(module, AdapterModule):
+            raise PeftjaxError(f"{type(module).__name__} at {name or 'the model'} adds inputs, not weight updates; "
+                               "a merged export cannot hold it")
+    for name, module in modules.items():
+        inside_adapter = any(name.startswith(k + ".") for k in kernels)
+        if isinstance(module, Linear) and not inside_adapter:
+            kernels[name] = np.asarray(module.kernel(jnp.float32))
+    tensors = {f"model.{name}.weight": np.ascontiguousarray(w.T) for name, w in kernels.items()}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
         name = ".".join(map(str, path))
         if name.endswith("norm.weight") or name == "embed_tokens.weight":
             tensors[f"model.{name}"] = np.asarray(var[...], np.float32)
+    c = model.config
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
