@@ -132,6 +132,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from peftjax.generate import generate_text
+    from peftjax.train import load_run
+
+    model, tokenizer = load_run(args.run_dir)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    print(generate_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from peftjax.peft.hf import save_hf_adapter, save_hf_model
+    from peftjax.train import load_run
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise PeftjaxError(f"{out} exists and is not empty; choose a new output directory")
+    model, tokenizer = load_run(args.run_dir)
+    if args.format == "hf-peft":
+        save_hf_adapter(model, out)
+    else:
+        save_hf_model(model, out)
+        tokenizer.backend.save(str(out / "tokenizer.json"))
+    print(f"{args.format} export written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="report.md, report.csv and PNG plots of a sweep directory")
     rp.add_argument("dir")
     rp.set_defaults(func=cmd_report)
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained run's model (its adapters active)")
+    g.add_argument("run_dir")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="write a trained run as an HF PEFT adapter or a merged HF model")
+    e.add_argument("run_dir")
+    e.add_argument("--format", required=True, choices=["hf-peft", "hf"])
+    e.add_argument("out")
+    e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("quant-report", help="bits/param, bytes, weight error and held-out loss per quant format")
     r.add_argument("--model", default="smollm2")
