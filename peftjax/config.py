@@ -28,12 +28,17 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class PeftConfig:
-    method: str = "lora"  # a registered method: lora, full, ...
+    method: str = "lora"  # a registered method: lora, dora (lora + dora: true), ia3, prefix, prompt, vera, full, ...
     rank: int = 8
     alpha: float = 16.0
-    targets: str | list[str] = "all-linear"
+    targets: str | list[str] | None = None  # None: the method's default (LoRA: all-linear, IA3: k/v/down, ...)
     rslora: bool = False
     dropout: float = 0.0  # LoRA dropout on the adapter input; its key per step is fold_in(seed, step)
+    dora: bool = False  # LoRA: DoRA magnitude vector
+    init: str | None = None  # LoRA: default, gaussian, pissa, loftq
+    qat_format: str | None = None  # LoRA: train against fake_quant(W + sAB) in this format
+    num_tokens: int | None = None  # prefix / prompt length
+    reparameterize: bool | None = None  # prefix: MLP reparameterisation during training
 
 
 # the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token

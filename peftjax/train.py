@@ -82,7 +82,8 @@ def method_config(config: RunConfig):
 
     cls = get_method(config.peft.method).config_cls
     values = to_dict(config)["peft"]
-    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    # keys the method has and the config sets (None leaves the method's own default)
+    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if values.get(f.name) is not None}
     if "targets" in kwargs and isinstance(kwargs["targets"], list):
         kwargs["targets"] = tuple(kwargs["targets"])
     if "seed" in {f.name for f in dataclasses.fields(cls)}:

@@ -77,3 +77,16 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, config):
     proc = peftjax("train", str(config), *TINY, "--out", str(out))
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("method", [["peft.method=ia3"], ["peft.method=prefix", "peft.num_tokens=4"],
+                                    ["peft.method=prompt", "peft.num_tokens=4"], ["peft.method=vera"],
+                                    ["peft.method=lora", "peft.dora=true"], ["peft.method=selective"],
+                                    ["peft.method=full"]])
+def test_every_method_trains_from_yaml(tmp_path, config, method):
+    out = tmp_path / "run"
+    sets = [arg for kv in method for arg in ("--set", kv)]
+    proc = peftjax("train", str(config), *TINY, *sets, "--set", "train.steps=2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method[0].split("=")[1] and 0 < summary["trainable_params"]
