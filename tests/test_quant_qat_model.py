@@ -12,10 +12,11 @@ from tests.helpers import random_blocks, tiny_model
 SPEC = QuantSpec(format="int3", block_size=64)
 
 
-def _train_full(model, blocks, steps=80):
-    model = peft.apply(model, peft.FullConfig())
+def _train(model, blocks, method=None, learning_rate=3e-3, steps=80):
+    """``steps`` of AdamW on one fixed batch with ``method`` (default: full fine-tuning); the trained model."""
+    model = peft.apply(model, method or peft.FullConfig())
     graphdef, trainable, frozen = partition.split(model)
-    optimizer = make_optimizer(from_dict({"train": {"steps": steps, "learning_rate": 3e-3}}).train)
+    optimizer = make_optimizer(from_dict({"train": {"steps": steps, "learning_rate": learning_rate}}).train)
     step = make_train_step(graphdef, optimizer)
     opt_state = optimizer.init(trainable)
     for _ in range(steps):
@@ -38,8 +39,8 @@ def test_fake_quant_linear_forward_is_the_quantized_forward():
 
 def test_qat_then_quantize_beats_train_then_quantize():
     blocks = random_blocks(8, 33, seed=11)
-    plain = quantize_model(_train_full(tiny_model(), blocks), [SPEC])
-    qat = quantize_model(_train_full(qat_model(tiny_model(), [SPEC]), blocks), [SPEC])
+    plain = quantize_model(_train(tiny_model(), blocks), [SPEC])
+    qat = quantize_model(_train(qat_model(tiny_model(), [SPEC]), blocks), [SPEC])
     plain_loss, qat_loss = _loss(plain, blocks), _loss(qat, blocks)
     assert qat_loss < 0.95 * plain_loss, (qat_loss, plain_loss)  # measured: 0.334 vs 0.365
 
@@ -52,17 +53,6 @@ def test_qat_gradient_reaches_weights_straight_through():
     assert float(np.abs(flat["layers.0.mlp.up_proj.weight"]).max()) > 0
 
 
-def _train_lora(model, blocks, steps=80, **lora):
-    model = peft.apply(model, peft.LoRAConfig(rank=8, alpha=16.0, **lora))
-    graphdef, trainable, frozen = partition.split(model)
-    optimizer = make_optimizer(from_dict({"train": {"steps": steps, "learning_rate": 1e-2}}).train)
-    step = make_train_step(graphdef, optimizer)
-    opt_state = optimizer.init(trainable)
-    for _ in range(steps):
-        trainable, opt_state, _ = step(trainable, opt_state, frozen, blocks)
-    return partition.merge(graphdef, trainable, frozen)
-
-
 def test_lora_trained_against_its_quantized_merge_beats_plain_lora_after_quantization():
     """LoRA trained with fake_quant(W + sAB) beats plain LoRA once each is merged and the merge quantized."""
     from peftjax.peft.merge import merge_and_unload
@@ -71,6 +61,6 @@ def test_lora_trained_against_its_quantized_merge_beats_plain_lora_after_quantiz
     base = tiny_model()
     results = {}
     for name, extra in (("plain", {}), ("qat", {"qat_format": SPEC.format, "qat_block_size": SPEC.block_size})):
-        trained = _train_lora(base, blocks, **extra)
+        trained = _train(base, blocks, peft.LoRAConfig(rank=8, alpha=16.0, **extra), learning_rate=1e-2)
         results[name] = _loss(quantize_model(merge_and_unload(trained), [SPEC]), blocks)
     assert results["qat"] < 0.95 * results["plain"], results
