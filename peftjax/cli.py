@@ -48,7 +48,7 @@ def cmd_quickstart(args) -> int:
     """Run every point of the config's sweep as its own process (honest peak memory), then the table."""
     from peftjax.config import from_dict, load_dict
     from peftjax.report import comparison_table
-    from peftjax.sweep import as_overrides, expand, point_name
+    from peftjax.sweep import as_overrides, expand, point_name, train_command
 
     data = load_dict(args.config)
     points = expand(data.pop("sweep", None))
@@ -58,9 +58,7 @@ def cmd_quickstart(args) -> int:
     summaries = []
     for point in points:
         run_dir = out / point_name(point)
-        cmd = [sys.executable, "-m", "peftjax.cli", "train", args.config, "--out", str(run_dir), "--overwrite"]
-        for override in as_overrides(point):
-            cmd += ["--set", override]
+        cmd = train_command(args.config, run_dir, point)
         print(f"== {point_name(point)}: peftjax train {args.config} {' '.join(cmd[5:])}", flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:

@@ -74,12 +74,6 @@ def lm_data(files: list[Path], tokenizer, *, seq_len: int, eval_docs: int, max_e
     return LMData(train, evals, [p.name for p in train_files], [p.name for p in eval_files])
 
 
-def batches(blocks: np.ndarray, batch_size: int, seed: int, start_step: int = 0):
-    """Endless batches of (batch_size, block) from a seeded permutation per epoch; deterministic in (seed, step)."""
-    for index in index_batches(len(blocks), batch_size, seed, start_step):
-        yield blocks[index]
-
-
 # ------------------------------------------------------------------------------------------- record tasks
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 

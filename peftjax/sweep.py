@@ -113,11 +113,21 @@ def _append_result(out: Path, line: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def train_command(spec_path: str, run_dir: Path, point: dict, *flags: str) -> list[str]:
+    """The ``peftjax train`` command line of one point: its own process, so its peak memory is its own."""
+    import sys
+
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec_path, "--out", str(run_dir), "--overwrite",
+           *flags]
+    for override in as_overrides(point):
+        cmd += ["--set", override]
+    return cmd
+
+
 def run_point(spec_path: str, out: Path, point: dict) -> dict:
     """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``."""
     import json
     import subprocess
-    import sys
     import time
 
     name = point_name(point)
@@ -125,10 +135,7 @@ def run_point(spec_path: str, out: Path, point: dict) -> dict:
     if (run_dir / "summary.json").exists():
         return {"name": name, "point": point, "status": "skipped",
                 "summary": json.loads((run_dir / "summary.json").read_text())}
-    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec_path, "--out", str(run_dir), "--no-progress",
-           "--overwrite"]
-    for override in as_overrides(point):
-        cmd += ["--set", override]
+    cmd = train_command(spec_path, run_dir, point, "--no-progress")
     (out / "logs").mkdir(exist_ok=True)
     start = time.perf_counter()
     with open(out / "logs" / f"{name}.log", "w") as log:
