@@ -45,6 +45,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """Current resident set size of this process (0 where /proc is not available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (Linux ``clear_refs`` 5) so a phase can be measured on its own."""
     try:
@@ -421,6 +432,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     if resume:
         _check_resumable(out, config)
     t_start = time.perf_counter()
+    rss_start = rss_bytes()  # the interpreter and libraries, before any model or data
     base = load_base(config)
     data = load_data(config, base[1])
     model, tokenizer = prepare_model(config, base)
@@ -468,6 +480,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     metrics_path.write_text("".join(line + "\n" for line in kept))
 
     peak_rss_load = peak_rss_bytes()
+    rss_train_start = rss_bytes()
     reset_peak_rss()  # peak_rss_bytes below is then the peak of the training phase alone
     if state["eval_before"] is None:
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
@@ -549,6 +562,8 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "checkpoint_dir": str(ckpt_dir / str(saved_step)),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_load_bytes": peak_rss_load,
+        "rss_start_bytes": rss_start,
+        "rss_train_start_bytes": rss_train_start,
         "median_step_s": median_step,
         "tokens_per_s": tokens_per_step / median_step if median_step else None,
         "compile_s": compile_s,
@@ -565,6 +580,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "resumed_from_step": start_step or None,
         "steps": tc.steps,
         "tokens_seen": tc.steps * tokens_per_step,
+        "epochs": tc.steps * tc.batch_size * tc.grad_accum / len(data.train),  # passes over the train rows
         **data.info,
         "wall_s": time.perf_counter() - t_start,
         "jax_version": jax.__version__,

@@ -64,7 +64,7 @@ def from_groups(x_ABC: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def absmax_encode(x_ABC: jax.Array, fmt: Format) -> tuple[jax.Array, jax.Array]:
     """(uint8 codes (A, B, C), float32 absmax (B,)) of float32 ``x_ABC``."""
     absmax_B = jnp.max(jnp.abs(x_ABC), axis=(0, 2))
-    rescale = _power_of_two_rescale(absmax_B)[None, :, None]
+    rescale = power_of_two_rescale(absmax_B)[None, :, None]
     absmax = absmax_B[None, :, None]
     s = (x_ABC * rescale) * (fmt.qmax / (absmax * rescale))
     return fmt.encode(jnp.where(absmax > 0, jnp.clip(s, -fmt.qmax, fmt.qmax), 0.0)), absmax_B
@@ -72,7 +72,10 @@ def absmax_encode(x_ABC: jax.Array, fmt: Format) -> tuple[jax.Array, jax.Array]:
 
 def absmax_decode(codes_ABC: jax.Array, absmax_B: jax.Array, fmt: Format) -> jax.Array:
     """float32 values of ``codes_ABC`` scaled back by their group's absmax."""
-    return fmt.decode(codes_ABC) * (absmax_B * (1 / fmt.qmax))[None, :, None]
+    # for a tiny absmax, absmax / qmax would be subnormal (flushed to zero on CPU): scale up, decode, scale back
+    rescale_B = power_of_two_rescale(absmax_B)
+    step_B = (absmax_B * rescale_B) * (1 / fmt.qmax)
+    return (fmt.decode(codes_ABC) * step_B[None, :, None]) * (1 / rescale_B)[None, :, None]
 
 
 def affine_encode(x_ABC: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,7 +84,7 @@ def affine_encode(x_ABC: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, ja
     lo_B = jnp.minimum(jnp.min(x_ABC, axis=(0, 2)), 0.0)
     hi_B = jnp.maximum(jnp.max(x_ABC, axis=(0, 2)), 0.0)
     step_B = (hi_B * 0.5 - lo_B * 0.5) * (2 / levels)
-    rescale_B = _power_of_two_rescale(step_B)
+    rescale_B = power_of_two_rescale(step_B)
     inverse_B = jnp.where(step_B > 0, 1 / (step_B * rescale_B), 0.0)
     zero_B = jnp.clip(jnp.round(-lo_B * rescale_B * inverse_B), 0, levels)
     scaled = jnp.round((x_ABC * rescale_B[None, :, None]) * inverse_B[None, :, None])
@@ -98,10 +101,11 @@ def affine_decode(codes_ABC: jax.Array, step_B: jax.Array, zero_B: jax.Array) ->
     return jnp.clip(centred * step_B[None, :, None], -largest, largest)
 
 
-def _power_of_two_rescale(scale_B: jax.Array) -> jax.Array:
+def power_of_two_rescale(scale_B: jax.Array) -> jax.Array:
     """A power of two per group that brings ``scale_B`` into [2^-64, 2^64] (1 for ordinary scales).
 
     Multiplying values and scale by it is exact, and keeps the scale's reciprocal a normal float: XLA on CPU flushes
     subnormals to zero, so 1 / 3e38 would be 0 and 1 / 1e-40 inf.
     """
-    return jnp.where(scale_B > 2.0**64, 2.0**-64, jnp.where(scale_B < 2.0**-64, 2.0**64, 1.0))
+    magnitude_B = jnp.abs(scale_B)  # a double-quantized scale of ~0 can decode slightly negative
+    return jnp.where(magnitude_B > 2.0**64, 2.0**-64, jnp.where(magnitude_B < 2.0**-64, 2.0**64, 1.0))

@@ -52,6 +52,10 @@ def _zero_cotangent(leaf):
 
 
 def _qmm_bwd(q, g):
+    # Dequantize again here, and only once the cotangent exists: the barrier ties q to g, so XLA can neither
+    # merge this dequantization with the forward one (which would keep every dequantized weight alive from the
+    # forward to the backward pass, as much memory as the dense model) nor hoist it ahead of the backward pass.
+    q, g = jax.lax.optimization_barrier((q, g))
     return g @ dequantize(q, g.dtype).T, jax.tree.map(_zero_cotangent, q)
 
 

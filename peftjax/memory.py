@@ -1,0 +1,216 @@
+"""Training-memory estimates from the architecture alone: ``peftjax memory --model NAME --method M``.
+
+Parameter counts and storage come from the real code path run abstractly (``jax.eval_shape``): the model is built,
+quantized by the same policy and given the same PEFT method as a training run, without allocating any weight. Two
+builds (one and two decoder layers) give the per-layer and fixed parts exactly, so a 70B model costs as much as a
+135M one. What the estimate adds on top is arithmetic:
+
+- **weights**: the frozen base; dense tensors at ``--weight-dtype`` bytes per value (bf16 for the classic tables),
+  quantized tensors as stored (packed codes, scales, double-quantized scales: ``QArray.nbytes``);
+- **adapter**: the trainable parameters (``--trainable-dtype``, float32 by default);
+- **gradients**: one per trainable parameter in the trainable dtype;
+- **optimizer**: AdamW's two float32 moments per trainable parameter, plus a float32 master copy when full
+  fine-tuning trains weights held in a 16-bit dtype (mixed precision: 2 + 2 + 4 + 4 + 4 = 16 bytes per parameter);
+- **activations**: what the backward pass keeps per token and decoder layer, in ``--compute-dtype``: each
+  RMSNorm's input and output (4 d), the rotated q and k and the values (d + 2 kv), the attention probabilities
+  (heads x attended positions), the attention output (d), and the MLP's gate, up, SiLU(gate) and gated product
+  (4 ff); at the head, float32 logits, their softmax and its gradient (3 V per token). With ``remat`` only each
+  layer's input (d) is kept, and one layer's worth is recomputed at a time.
+
+Not estimated: the framework's own resident memory (Python, JAX, XLA's compiled code and scratch), which is a
+property of the machine, not of the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+from flax import nnx
+
+from peftjax.errors import PeftjaxError
+from peftjax.models.llama import LlamaConfig
+
+GIB = 1024 ** 3
+
+# Published architectures (their config.json values). tie: whether the output head shares the embedding.
+ARCHITECTURES: dict[str, tuple[LlamaConfig, bool]] = {
+    "smollm2": (LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                            num_kv_heads=3, head_dim=64), True),
+    "llama-65b": (LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_layers=80,
+                              num_heads=64, num_kv_heads=64, head_dim=128), False),
+    "llama2-7b": (LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                              num_heads=32, num_kv_heads=32, head_dim=128), False),
+    "llama2-13b": (LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                               num_heads=40, num_kv_heads=40, head_dim=128), False),
+    "llama2-70b": (LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                               num_heads=64, num_kv_heads=8, head_dim=128), False),
+    "mistral-7b": (LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                               num_heads=32, num_kv_heads=8, head_dim=128), False),
+    "tiny": (LlamaConfig.tiny(), True),
+}
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# ``--method`` shorthands on top of the registered methods
+SHORTHANDS = {"qlora": dict(method="lora", quant="nf4", double_quant=True), "dora": dict(method="lora", dora=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    model: str
+    method: str
+    total_params: int
+    trainable_params: int
+    weights: int  # bytes
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
+
+
+def architecture(name: str) -> tuple[LlamaConfig, bool]:
+    if name not in ARCHITECTURES:
+        raise PeftjaxError(f"unknown model {name!r} for the memory estimate; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _abstract_split(arch: LlamaConfig, num_layers: int, method_cfg, quant: str | None, block_size: int | None,
+                    double_quant: bool):
+    """(trainable, frozen) as ShapeDtypeStruct trees of a ``num_layers``-layer build, quantized and adapted."""
+    from peftjax import partition, peft
+    from peftjax.models.llama import LlamaForCausalLM
+
+    def build():
+        config = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=True)
+        model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+        if quant is not None:
+            from peftjax.quant.policy import QuantSpec, quantize_model
+
+            model = quantize_model(model, [QuantSpec(targets="all-linear", format=quant, block_size=block_size,
+                                                     double_quant=double_quant)])
+        _, trainable, frozen = partition.split(peft.apply(model, method_cfg))
+        return trainable, frozen
+
+    return jax.eval_shape(build)
+
+
+def _storage(tree, dense_bytes: int) -> tuple[int, int]:
+    """(parameter count, bytes) of an abstract state: dense float leaves at ``dense_bytes`` per value, quantized
+    tensors as stored."""
+    from peftjax.partition import _is_qarray
+
+    count = nbytes = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=_is_qarray):
+        if _is_qarray(leaf):
+            count += leaf.size
+            nbytes += sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(leaf))
+        else:
+            count += math.prod(leaf.shape)
+            nbytes += math.prod(leaf.shape) * dense_bytes
+    return count, nbytes
+
+
+def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, compute_bytes: int, remat: bool = False,
+                     virtual_tokens: int = 0, prefix_tokens: int = 0) -> int:
+    """Bytes the backward pass keeps for one batch (see the module docstring for the terms). Prompt tuning's
+    virtual tokens are extra positions; prefix tuning's are extra keys every position attends to."""
+    d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
+    positions = seq_len + virtual_tokens
+    per_token_layer = 6 * d + 2 * kv + 4 * ff + arch.num_heads * (positions + prefix_tokens)
+    tokens = batch_size * positions
+    head = tokens * 3 * arch.vocab_size * 4  # float32 logits, their softmax and its gradient
+    if remat:
+        layers = tokens * (arch.num_layers * d + per_token_layer) * compute_bytes
+    else:
+        layers = tokens * arch.num_layers * per_token_layer * compute_bytes
+    return layers + head
+
+
+def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = None, quant: str | None = None,
+             block_size: int = 64, double_quant: bool = False, batch_size: int = 1, seq_len: int = 512,
+             weight_dtype: str = "bfloat16", trainable_dtype: str = "float32", compute_dtype: str = "bfloat16",
+             remat: bool = False, num_tokens: int | None = None) -> MemoryEstimate:
+    """Memory of training ``model`` with ``method`` (a registered PEFT method, or ``qlora`` / ``dora``)."""
+    from peftjax.config import from_dict, validate
+    from peftjax.train import method_config
+
+    arch, tied = architecture(model)
+    label = method
+    options = dict(SHORTHANDS.get(method, {"method": method}))
+    method = options.pop("method")
+    quant = options.pop("quant", quant)
+    double_quant = options.pop("double_quant", double_quant)
+    for name, size in (("weight_dtype", weight_dtype), ("trainable_dtype", trainable_dtype),
+                       ("compute_dtype", compute_dtype)):
+        if size not in DTYPE_BYTES:
+            raise PeftjaxError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_BYTES)}, got {size!r}")
+    peft = {"method": method, "rank": rank, "targets": targets, "num_tokens": num_tokens, **options}
+    config = from_dict({"model": {"name": "tiny"}, "peft": {k: v for k, v in peft.items() if v is not None}})
+    validate(config)
+    method_cfg = method_config(config)
+    builds = [_abstract_split(arch, n, method_cfg, quant, block_size, double_quant) for n in (1, 2)]
+    trainable_bytes, weight_bytes = DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[weight_dtype]
+    (t1, tb1), (t2, tb2) = (_storage(b[0], trainable_bytes) for b in builds)
+    (f1, fb1), (f2, fb2) = (_storage(b[1], weight_bytes) for b in builds)
+    layers = arch.num_layers
+
+    def extrapolate(one, two):
+        return one + (layers - 1) * (two - one)
+
+    trainable, adapter = extrapolate(t1, t2), extrapolate(tb1, tb2)
+    frozen, weights = extrapolate(f1, f2), extrapolate(fb1, fb2)
+    if not tied:  # a separate output head (V x d), kept dense; full fine-tuning trains it
+        head = arch.vocab_size * arch.hidden_size
+        if method == "full":
+            trainable, adapter = trainable + head, adapter + head * trainable_bytes
+        else:
+            frozen, weights = frozen + head, weights + head * weight_bytes
+    if method == "full":
+        # full fine-tuning holds the weights in the weight dtype (bf16 in the classic tables) ...
+        weights, adapter = weights + trainable * weight_bytes, 0
+        gradients = trainable * weight_bytes
+        master = trainable * 4 if weight_bytes < 4 else 0  # ... and a float32 master copy for the update
+        optimizer = trainable * 8 + master
+    else:
+        gradients = trainable * trainable_bytes
+        optimizer = trainable * 8
+    extra = getattr(method_cfg, "num_tokens", 0) if method in ("prompt", "prefix") else 0
+    acts = activation_bytes(arch, batch_size=batch_size, seq_len=seq_len, compute_bytes=DTYPE_BYTES[compute_dtype],
+                            remat=remat, virtual_tokens=extra if method == "prompt" else 0,
+                            prefix_tokens=extra if method == "prefix" else 0)
+    return MemoryEstimate(model=model, method=label, total_params=trainable + frozen, trainable_params=trainable,
+                          weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
+                          activations=acts)
+
+
+def bf16_weight_table(models: list[str]) -> str:
+    """The classic table: bf16 weight memory, GiB of the exact parameter count, and its whole-GB form."""
+    lines = ["| model | parameters | bf16 weights | classic table |", "|---|---|---|---|"]
+    for name in models:
+        arch, tied = architecture(name)
+        n = estimate(name, "lora", rank=1).total_params
+        lines.append(f"| {name} | {n:,} | {2 * n / GIB:.2f} GiB | {math.floor(2 * n / GIB)} GB |")
+    return "\n".join(lines)
+
+
+def methods_table(models: list[str], *, batch_size: int, seq_len: int, rank: int = 8) -> str:
+    """Total training memory per model for full fine-tuning (AdamW, mixed precision), LoRA and QLoRA."""
+    lines = [f"| model | full FT (AdamW) | LoRA r={rank} | QLoRA r={rank} (NF4+DQ) |", "|---|---|---|---|"]
+    for name in models:
+        cells = [f"{estimate(name, m, rank=rank, batch_size=batch_size, seq_len=seq_len).total / GIB:.1f} GiB"
+                 for m in ("full", "lora", "qlora")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def breakdown_table(e: MemoryEstimate) -> str:
+    rows = [("weights (frozen base)", e.weights), ("adapter (trainable)", e.adapter), ("gradients", e.gradients),
+            ("optimizer state", e.optimizer), ("activations", e.activations), ("total", e.total)]
+    lines = [f"{e.model}, {e.method}: {e.total_params:,} parameters, {e.trainable_params:,} trainable "
+             f"({100 * e.trainable_params / e.total_params:.3g}%)", "", "| part | memory |", "|---|---|"]
+    lines += [f"| {name} | {nbytes / GIB:.3f} GiB |" for name, nbytes in rows]
+    return "\n".join(lines)
