@@ -56,6 +56,19 @@ def rss_bytes() -> int:
     return 0
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and XLA back to the OS (glibc keeps freed heap pages resident otherwise), so
+    that RSS measures live memory: the dense base a quantized model was made from, for one."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS may then include freed memory
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (Linux ``clear_refs`` 5) so a phase can be measured on its own."""
     try:
@@ -480,6 +493,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     metrics_path.write_text("".join(line + "\n" for line in kept))
 
     peak_rss_load = peak_rss_bytes()
+    release_freed_memory()
     rss_train_start = rss_bytes()
     reset_peak_rss()  # peak_rss_bytes below is then the peak of the training phase alone
     if state["eval_before"] is None:

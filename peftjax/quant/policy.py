@@ -35,10 +35,30 @@ class QuantSpec:
     double_quant: bool = False
 
 
+def _after(q, x):
+    """``q`` with a data dependency on ``x`` and the same values: every float leaf plus ``0 * x[0, ..., 0]``.
+
+    Nothing else orders a layer's dequantization after the layer's input (or, backwards, its cotangent), and XLA
+    on CPU schedules every dequantization of the step first: every layer's float weight is then alive at once,
+    as much memory as the dense model (optimization barriers are dropped before scheduling). A product with zero
+    is not simplified away for floats (it is NaN for a non-finite input, which the train step's non-finite guard
+    rejects anyway), so each weight is dequantized just before its matmul and freed after it.
+    """
+    zero = x.reshape(-1)[0].astype(jnp.float32) * 0.0
+    int_zero = (zero != 0).astype(jnp.uint8)  # on the codes too, or XLA shares their decoding between passes
+
+    def depend(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf + zero.astype(leaf.dtype)
+        return leaf + int_zero.astype(leaf.dtype)
+
+    return jax.tree.map(depend, q)
+
+
 @jax.custom_vjp
 def quantized_matmul(x: jax.Array, q) -> jax.Array:
     """x @ dequantize(q), differentiable in x; q is a constant (the frozen base)."""
-    return x @ dequantize(q, x.dtype)
+    return x @ dequantize(_after(q, x), x.dtype)
 
 
 def _qmm_fwd(x, q):
@@ -52,11 +72,7 @@ def _zero_cotangent(leaf):
 
 
 def _qmm_bwd(q, g):
-    # Dequantize again here, and only once the cotangent exists: the barrier ties q to g, so XLA can neither
-    # merge this dequantization with the forward one (which would keep every dequantized weight alive from the
-    # forward to the backward pass, as much memory as the dense model) nor hoist it ahead of the backward pass.
-    q, g = jax.lax.optimization_barrier((q, g))
-    return g @ dequantize(q, g.dtype).T, jax.tree.map(_zero_cotangent, q)
+    return g @ dequantize(_after(q, g), g.dtype).T, jax.tree.map(_zero_cotangent, q)
 
 
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
