@@ -125,8 +125,42 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from peftjax.report import write_sweep_report
 
+    if args.table:
+        from peftjax.tables import TABLES, write_table
+
+        if args.table not in TABLES:  # checked before anything is written
+            raise PeftjaxError(f"unknown --table {args.table!r}; known: {', '.join(TABLES)}")
     text, plots = write_sweep_report(args.dir)
+    if args.table:
+        text, plots = write_table(args.dir, args.table)
     print(text)
+    return 0
+
+
+def cmd_memory(args) -> int:
+    from peftjax import memory as M
+
+    if args.table == "classic":
+        print("bf16 weights (GiB of the exact parameter count; the classic table rounds down):\n")
+        print(M.bf16_weight_table(M.CLASSIC + ["llama-65b"]))
+        print(f"\ntraining memory, batch {args.batch_size} x {args.seq_len} tokens, bf16 weights and activations, "
+              "float32 adapters and AdamW state:\n")
+        print(M.methods_table(M.CLASSIC + ["llama-65b"], batch_size=args.batch_size, seq_len=args.seq_len,
+                              rank=args.rank))
+        return 0
+    dtypes = dict(weight_dtype=args.weight_dtype, trainable_dtype=args.trainable_dtype,
+                  compute_dtype=args.compute_dtype)
+    if args.measure:  # compare like with like: the training run is float32 throughout
+        dtypes = dict(weight_dtype="float32", trainable_dtype="float32", compute_dtype="float32")
+    e = M.estimate(args.model, args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
+                   seq_len=args.seq_len, remat=args.remat, **dtypes)
+    print(M.breakdown_table(e))
+    if args.measure:
+        m = M.measure_step(args.model, args.method, rank=args.rank, targets=args.targets,
+                           batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat)
+        print(f"\nXLA's allocation for the compiled float32 train step: {M.human(m['total'])} (arguments "
+              f"{M.human(m['arguments'])}, temporaries {M.human(m['temp'])}, outputs {M.human(m['outputs'])}); "
+              f"estimate / measured = {e.total / m['total']:.3f}")
     return 0
 
 
@@ -203,7 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="report.md, report.csv and PNG plots of a sweep directory")
     rp.add_argument("dir")
+    rp.add_argument("--table", help="also write table.md in a named layout: lora-vs-qlora, rank, bits, methods")
     rp.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("memory", help="estimate training memory (weights, adapter, gradients, optimizer, "
+                                      "activations) from the architecture")
+    m.add_argument("--model", default="smollm2", help="smollm2, llama2-7b, llama2-13b, llama2-70b, mistral-7b, "
+                                                      "llama-65b, tiny")
+    m.add_argument("--method", default="lora", help="full, lora, qlora, dora, ia3, prefix, prompt, vera")
+    m.add_argument("--rank", type=int, default=8)
+    m.add_argument("--targets", help="adapter targets (default: the method's)")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--weight-dtype", default="bfloat16")
+    m.add_argument("--trainable-dtype", default="float32")
+    m.add_argument("--compute-dtype", default="bfloat16")
+    m.add_argument("--remat", action="store_true", help="activation checkpointing")
+    m.add_argument("--table", choices=["classic"], help="the classic bf16 weight table with full FT / LoRA / QLoRA")
+    m.add_argument("--measure", action="store_true",
+                   help="also compile the real float32 train step and print XLA's allocation (smollm2, tiny)")
+    m.set_defaults(func=cmd_memory)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run's model (its adapters active)")
     g.add_argument("run_dir")

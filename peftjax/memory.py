@@ -191,20 +191,25 @@ def bf16_weight_table(models: list[str]) -> str:
     """The classic table: bf16 weight memory, GiB of the exact parameter count, and its whole-GB form."""
     lines = ["| model | parameters | bf16 weights | classic table |", "|---|---|---|---|"]
     for name in models:
-        arch, tied = architecture(name)
-        n = estimate(name, "lora", rank=1).total_params
+        n = estimate(name, "full").total_params  # full fine-tuning adds no parameters
         lines.append(f"| {name} | {n:,} | {2 * n / GIB:.2f} GiB | {math.floor(2 * n / GIB)} GB |")
     return "\n".join(lines)
 
 
 def methods_table(models: list[str], *, batch_size: int, seq_len: int, rank: int = 8) -> str:
-    """Total training memory per model for full fine-tuning (AdamW, mixed precision), LoRA and QLoRA."""
-    lines = [f"| model | full FT (AdamW) | LoRA r={rank} | QLoRA r={rank} (NF4+DQ) |", "|---|---|---|---|"]
+    """Total training memory per model for full fine-tuning (AdamW, mixed precision), LoRA and QLoRA, and QLoRA
+    with activation checkpointing (the QLoRA paper's setting)."""
+    lines = [f"| model | full FT (AdamW) | LoRA r={rank} | QLoRA r={rank} (NF4+DQ) | QLoRA r={rank} + checkpointing |",
+             "|---|---|---|---|---|"]
     for name in models:
-        cells = [f"{estimate(name, m, rank=rank, batch_size=batch_size, seq_len=seq_len).total / GIB:.1f} GiB"
-                 for m in ("full", "lora", "qlora")]
+        cells = [f"{estimate(name, m, rank=rank, batch_size=batch_size, seq_len=seq_len, remat=remat).total / GIB:.1f}"
+                 " GiB" for m, remat in (("full", False), ("lora", False), ("qlora", False), ("qlora", True))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def human(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3f} GiB" if nbytes >= GIB / 4 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def breakdown_table(e: MemoryEstimate) -> str:
@@ -212,5 +217,43 @@ def breakdown_table(e: MemoryEstimate) -> str:
             ("optimizer state", e.optimizer), ("activations", e.activations), ("total", e.total)]
     lines = [f"{e.model}, {e.method}: {e.total_params:,} parameters, {e.trainable_params:,} trainable "
              f"({100 * e.trainable_params / e.total_params:.3g}%)", "", "| part | memory |", "|---|---|"]
-    lines += [f"| {name} | {nbytes / GIB:.3f} GiB |" for name, nbytes in rows]
+    lines += [f"| {name} | {human(nbytes)} |" for name, nbytes in rows]
     return "\n".join(lines)
+
+
+def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None = None, batch_size: int = 1,
+                 seq_len: int = 512, remat: bool = False) -> dict:
+    """XLA's allocation for the real compiled train step (the analogue of a GPU's peak allocated memory).
+
+    Builds the model named ``model`` (``smollm2`` or ``tiny``: weights are needed), applies ``method`` exactly as
+    a float32 training run does, compiles one train step and returns XLA's buffer sizes in bytes: ``arguments``
+    (frozen base, trainable, optimizer state, batch), ``temp`` (activations, gradients, workspace) and
+    ``outputs`` not aliased to an argument.
+    """
+    import jax.numpy as jnp
+
+    from peftjax import partition
+    from peftjax.config import from_dict, validate
+    from peftjax.train import load_base, make_optimizer, make_train_step, prepare_model
+
+    options = dict(SHORTHANDS.get(method, {"method": method}))
+    quant = {"format": options.pop("quant", None), "double_quant": options.pop("double_quant", False)}
+    peft = {"rank": rank, "targets": targets, **options}
+    config = from_dict({"model": {"name": model, "remat": remat},
+                        "peft": {k: v for k, v in peft.items() if v is not None},
+                        "quant": quant if quant["format"] else {},
+                        "data": {"seq_len": seq_len}, "train": {"batch_size": batch_size}})
+    validate(config)
+    trained, _ = prepare_model(config, load_base(config))
+    graphdef, trainable, frozen = partition.split(trained)
+    optimizer = make_optimizer(config.train)
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(graphdef, optimizer, jnp.float32, remat=remat)
+    batch = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
+    analysis = step.lower(trainable, opt_state, frozen, batch, None).compile().memory_analysis()
+    outputs = analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+    return {"arguments": analysis.argument_size_in_bytes, "temp": analysis.temp_size_in_bytes, "outputs": outputs,
+            "total": analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + outputs}
+
+
+CLASSIC = ["llama2-70b", "llama2-13b", "llama2-7b", "mistral-7b"]

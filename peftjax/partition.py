@@ -39,3 +39,11 @@ def param_count(tree) -> int:
 def tree_nbytes(tree) -> int:
     """Exact storage in bytes (packed codes and scales of quantized tensors, as stored)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def quantized_bits_per_param(tree) -> float | None:
+    """Storage bits per parameter of the quantized tensors in ``tree`` (codes and scales); None if it has none."""
+    quantized = [x for x in jax.tree.leaves(tree, is_leaf=_is_qarray) if _is_qarray(x)]
+    if not quantized:
+        return None
+    return 8.0 * sum(q.nbytes for q in quantized) / sum(q.size for q in quantized)

@@ -569,6 +569,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "trainable_params": partition.param_count(trainable),
         "total_params": partition.param_count(trainable) + partition.param_count(frozen),
         "frozen_bytes": partition.tree_nbytes(frozen),
+        "linear_bits_per_param": partition.quantized_bits_per_param(frozen),
         "trainable_bytes": partition.tree_nbytes(trainable),
         "optimizer_bytes": partition.tree_nbytes(opt_state),
         "checkpoint_bytes": ckpt_bytes,
@@ -579,6 +580,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "rss_start_bytes": rss_start,
         "rss_train_start_bytes": rss_train_start,
         "median_step_s": median_step,
+        "train_s": (compile_s or 0.0) + sum(step_times),  # the step loop of this process, compilation included
         "tokens_per_s": tokens_per_step / median_step if median_step else None,
         "compile_s": compile_s,
         "load_s": load_s,

@@ -1,0 +1,92 @@
+"""peftjax memory: exact parameter counts, the classic bf16 table, method ordering, and estimate vs XLA."""
+import math
+
+import jax
+import pytest
+from flax import nnx
+
+from peftjax import memory as M
+from peftjax import partition, peft
+from peftjax.cli import main
+from peftjax.models import LlamaConfig, LlamaForCausalLM
+from peftjax.peft.lora import LoRAConfig
+
+GIB = 1024 ** 3
+
+# published parameter counts (Touvron et al. 2023a/b, Mistral 7B model card) and the classic bf16 table
+CLASSIC = {"llama2-70b": (68_976_648_192, 128), "llama2-13b": (13_015_864_320, 24),
+           "llama2-7b": (6_738_415_616, 12), "mistral-7b": (7_241_732_096, 13), "llama-65b": (65_285_660_672, 121)}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIC))
+def test_classic_bf16_table(name):
+    params, gib = CLASSIC[name]
+    e = M.estimate(name, "full")
+    assert e.total_params == params
+    assert math.floor(2 * params / GIB) == gib
+    assert f"| {gib} GB |" in M.bf16_weight_table([name])
+
+
+def test_smollm2_count_matches_a_real_build():
+    """The two-build extrapolation gives exactly the counts of the full model (SmolLM2: 134,515,008)."""
+    arch, _ = M.architecture("smollm2")
+    e = M.estimate("smollm2", "lora", rank=8)
+    assert e.total_params - e.trainable_params == 134_515_008
+    built = jax.eval_shape(lambda: partition.split(peft.apply(LlamaForCausalLM(arch, rngs=nnx.Rngs(0)),
+                                                              LoRAConfig(rank=8)))[1:])
+    assert e.trainable_params == partition.param_count(built[0]) == 2_442_240
+
+
+def test_memory_ordering_and_the_65b_qlora_claim():
+    for name in CLASSIC:
+        full, lora, qlora = (M.estimate(name, m, batch_size=1, seq_len=512).total for m in ("full", "lora", "qlora"))
+        assert qlora < lora < full
+    # QLoRA (Dettmers et al. 2023): a 65B model fine-tunes on one 48 GB GPU (with activation checkpointing)
+    assert M.estimate("llama-65b", "qlora", batch_size=1, seq_len=512, remat=True).total < 48 * GIB
+    # full fine-tuning in mixed precision is 16 bytes per parameter before activations
+    e = M.estimate("llama2-7b", "full")
+    assert e.weights + e.gradients + e.optimizer == 16 * e.total_params
+
+
+def test_tiny_parts_are_exact_sizes():
+    e = M.estimate("tiny", "lora", rank=4, weight_dtype="float32", batch_size=2, seq_len=16)
+    model = LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+    _, trainable, frozen = partition.split(peft.apply(model, LoRAConfig(rank=4)))
+    assert e.adapter == partition.tree_nbytes(trainable)
+    assert e.weights == partition.tree_nbytes(frozen)
+    assert e.gradients == e.adapter and e.optimizer == 2 * e.adapter
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+def test_estimate_agrees_with_xla_on_tiny(method):
+    e = M.estimate("tiny", method, batch_size=4, seq_len=64, weight_dtype="float32", compute_dtype="float32")
+    measured = M.measure_step("tiny", method, batch_size=4, seq_len=64)["total"]
+    assert 0.8 < e.total / measured < 1.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_estimate_within_15_percent_of_xla_on_smollm2(method):
+    """SmolLM2, batch 4 x 128, float32: the estimate against XLA's allocation for the compiled train step."""
+    e = M.estimate("smollm2", method, batch_size=4, seq_len=128, weight_dtype="float32", compute_dtype="float32")
+    measured = M.measure_step("smollm2", method, batch_size=4, seq_len=128)["total"]
+    assert abs(e.total / measured - 1) < 0.15
+
+
+def test_cli(capsys):
+    assert main(["memory", "--table", "classic"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama2-70b | 68,976,648,192 | 128.48 GiB | 128 GB |" in out
+    assert main(["memory", "--model", "llama2-7b", "--method", "qlora"]) == 0
+    assert "optimizer state" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "gpt-5"], "unknown model 'gpt-5' for the memory estimate; known: smollm2"),
+    (["--method", "nope"], "nope"),
+    (["--weight-dtype", "int3"], "--weight-dtype must be one of float32, bfloat16, float16, got 'int3'"),
+])
+def test_cli_errors(capsys, argv, message):
+    assert main(["memory", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftjax: error:") and message in err and err.count("\n") == 1

@@ -1,0 +1,88 @@
+"""Reproduction table layouts (peftjax report DIR --table NAME) on synthetic sweep results."""
+import json
+
+import pytest
+
+from peftjax.cli import main
+from peftjax.tables import TABLES, write_table
+
+GIB = 1024 ** 3
+
+
+def summary(**overrides):
+    s = dict(method="lora", quant=None, double_quant=None, trainable_params=1000, total_params=101_000,
+             frozen_bytes=400_000, trainable_bytes=4000, optimizer_bytes=8000, peak_rss_bytes=2 * GIB,
+             median_step_s=2.0, tokens_per_s=256.0, train_s=70.0, epochs=0.01, eval_loss_before=4.0,
+             eval_loss_after=3.5, linear_bits_per_param=None)
+    s.update(overrides)
+    return s
+
+
+def write_results(tmp_path, records):
+    lines = [json.dumps({"name": r[0], "status": "ok", "point": r[1], "summary": r[2]}) for r in records]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_lora_vs_qlora_layout(tmp_path):
+    write_results(tmp_path, [
+        ("lora", {"name": "lora"}, summary()),
+        ("qlora", {"name": "qlora", "quant.format": "nf4"},
+         summary(quant="nf4", double_quant=True, frozen_bytes=120_000, eval_loss_before=4.2, eval_loss_after=3.6)),
+    ])
+    text, plots = write_table(tmp_path, "lora-vs-qlora")
+    lines = text.splitlines()
+    assert lines[0].startswith("| Technique | Epochs | Training time | Memory (peak RSS) |")
+    assert lines[2].startswith("| LoRA | 0.0100 | 70 s | 2.00 GiB |")
+    assert lines[3].startswith("| QLoRA (NF4+DQ) |") and "4.200 -> 3.600" in lines[3]
+    assert (tmp_path / "table.md").read_text().startswith(text)
+
+
+def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
+    records = []
+    for targets in ("attn", "all"):
+        for r in (1, 8):
+            for seed, loss in ((0, 3.0 + 1 / r), (1, 3.2 + 1 / r)):
+                records.append((f"{targets},rank={r},seed={seed}",
+                                {"name": f"{targets},rank={r}", "peft.rank": r, "train.seed": seed},
+                                summary(eval_loss_after=loss + (targets == "attn"), trainable_params=100 * r)))
+    write_results(tmp_path, records)
+    text, plots = write_table(tmp_path, "rank")
+    assert "| r | attn: eval loss (trainable params) | all: eval loss (trainable params) |" in text
+    assert "| 8 | 4.225 ± 0.141 (800) | 3.225 ± 0.141 (800) |" in text
+    assert plots == ["rank_ablation.png"] and (tmp_path / "rank_ablation.png").stat().st_size > 0
+
+
+def test_bits_layout_reports_the_recovered_gap(tmp_path):
+    write_results(tmp_path, [
+        ("float32", {"name": "float32", "quant.format": None}, summary(eval_loss_before=4.0, eval_loss_after=3.5)),
+        ("int2", {"name": "int2", "quant.format": "int2"},
+         summary(quant="int2", eval_loss_before=12.0, eval_loss_after=6.0, linear_bits_per_param=2.5)),
+    ])
+    text, _ = write_table(tmp_path, "bits")
+    assert "| int2 | 2.500 |" in text and "| 12.000 | 6.000 | 75% of the gap |" in text
+    assert "| float32 | 32.000 |" in text  # no quantized layers: frozen bytes per frozen parameter
+
+
+def test_methods_layout(tmp_path):
+    write_results(tmp_path, [("full", {"name": "full"}, summary(method="full", trainable_params=101_000)),
+                             ("ia3", {"name": "ia3"}, summary(method="ia3", trainable_params=50))])
+    text, plots = write_table(tmp_path, "methods")
+    assert "| full | 101,000 (100%) |" in text and "| ia3 | 50 (0.0495%) |" in text
+    assert plots == ["methods.png"]
+
+
+def test_report_cli_table_option(tmp_path, capsys):
+    write_results(tmp_path, [("lora", {"name": "lora"}, summary())])
+    (tmp_path / "lora").mkdir()
+    assert main(["report", str(tmp_path), "--table", "lora-vs-qlora"]) == 0
+    assert "| Technique |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--table", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftjax: error: unknown --table 'nope'; known: " + ", ".join(TABLES))
+
+
+def test_rank_layout_needs_a_rank_sweep(tmp_path):
+    write_results(tmp_path, [("lora", {"name": "lora"}, summary())])
+    with pytest.raises(Exception, match="needs a sweep over peft.rank"):
+        write_table(tmp_path, "rank")
