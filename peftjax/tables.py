@@ -2,7 +2,8 @@
 
 Each layout turns a sweep's records (``DIR/results.jsonl``) into the table a paper prints, plus its plots:
 
-- ``lora-vs-qlora``: Technique | Epochs | Training time | Memory, with quality and trainable parameters;
+- ``lora-vs-qlora``: Technique | Epochs | Training time | Memory, with quality and trainable parameters (memory:
+  the peak RSS of the training steps after the first, and the peak including the first step's compilation);
 - ``rank``: held-out loss per LoRA rank, one column per target set (the LoRA paper's rank tables);
 - ``bits``: per base format, bits per frozen parameter, loss of the quantized base before training and after
   LoRA (the QLoRA paper's comparison of data types);
@@ -78,13 +79,15 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 @table("lora-vs-qlora")
 def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
-    header = ["Technique", "Epochs", "Training time", "Memory (peak RSS)", "Frozen weights", "Trainable params",
-              "Eval loss before -> after", "tokens/s"]
+    header = ["Technique", "Epochs", "Training time", "Memory (peak RSS)", "with compilation", "Frozen weights",
+              "Trainable params", "Eval loss before -> after", "tokens/s"]
     rows = []
     for point, ss in _groups(records):
         s = ss[0]
+        steady = "peak_rss_steady_bytes" if all(x.get("peak_rss_steady_bytes") for x in ss) else "peak_rss_bytes"
         rows.append([method_label(s), f"{_mean(ss, 'epochs'):.4f}", _stat(ss, "train_s", "{:.0f}") + " s",
-                     _stat(ss, "peak_rss_bytes", "{:.2f}", GIB) + " GiB", f"{s['frozen_bytes'] / MIB:.1f} MiB",
+                     _stat(ss, steady, "{:.2f}", GIB) + " GiB", _stat(ss, "peak_rss_bytes", "{:.2f}", GIB) + " GiB",
+                     f"{s['frozen_bytes'] / MIB:.1f} MiB",
                      f"{s['trainable_params']:,}",
                      _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"),
                      _stat(ss, "tokens_per_s", "{:.0f}")])

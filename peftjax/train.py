@@ -34,26 +34,26 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------- memory probes
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since start or since the last :func:`reset_peak_rss`."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes; None where /proc is not available."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since start or since the last :func:`reset_peak_rss`."""
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
     """Current resident set size of this process (0 where /proc is not available)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def release_freed_memory() -> None:
@@ -501,6 +501,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
     step_times, losses = [], []
     compile_s, consecutive, saved_step = None, 0, start_step
+    peak_rss_first = None
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
     dropout_root = jax.random.key(tc.seed)  # the run's only randomness after init: dropout keys by step
 
@@ -525,6 +526,8 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
             dt = time.perf_counter() - t0
             if compile_s is None:
                 compile_s = dt
+                peak_rss_first = peak_rss_bytes()  # evaluation and the step's compilation (in this process)
+                reset_peak_rss()  # from here on: the steady state of training
             else:
                 step_times.append(dt)
             loss = float(metrics["loss"])
@@ -575,7 +578,8 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         "checkpoint_bytes": ckpt_bytes,
         "checkpoint_trainable_bytes": directory_bytes(ckpt_dir / str(tc.steps) / "trainable"),
         "checkpoint_dir": str(ckpt_dir / str(saved_step)),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": max(peak_rss_bytes(), peak_rss_first or 0),
+        "peak_rss_steady_bytes": peak_rss_bytes() if peak_rss_first is not None else None,
         "peak_rss_load_bytes": peak_rss_load,
         "rss_start_bytes": rss_start,
         "rss_train_start_bytes": rss_train_start,
