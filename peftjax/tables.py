@@ -132,21 +132,18 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
 @table("bits")
 def bits_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
     header = ["Base", "bits/param (linear layers)", "Frozen weights", "Loss before (quantized, untrained)",
-              "Loss after LoRA", "Recovered"]
+              "Loss after LoRA", "Gap to the unquantized base + LoRA"]
     groups = _groups(records)
     reference = next((ss for point, ss in groups if not point.get("quant.format")), None)
-    ref_before = _mean(reference, "eval_loss_before") if reference else None
+    ref_after = _mean(reference, "eval_loss_after") if reference else None
     rows, points = [], []
     for point, ss in groups:
         s = ss[0]
         before, after = _mean(ss, "eval_loss_before"), _mean(ss, "eval_loss_after")
         bits = s.get("linear_bits_per_param") or _frozen_bits(s)
-        if ref_before is not None and before > ref_before:
-            recovered = f"{100 * (before - after) / (before - ref_before):.0f}% of the gap"
-        else:
-            recovered = "-"
+        gap = f"{after - ref_after:+.3f}" if ref_after is not None else "-"
         rows.append([_label(point, s), f"{bits:.3f}", f"{s['frozen_bytes'] / MIB:.1f} MiB",
-                     _stat(ss, "eval_loss_before"), _stat(ss, "eval_loss_after"), recovered])
+                     _stat(ss, "eval_loss_before"), _stat(ss, "eval_loss_after"), gap])
         points.append((_label(point, s), bits, before, after))
 
     def draw(ax):
@@ -155,7 +152,8 @@ def bits_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
             ax.scatter([bits], [before], color="C3", s=12)
             ax.scatter([bits], [after], color="C0", s=12)
             ax.annotate(label, (bits, before), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("bits per parameter of the quantized linear layers")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per parameter of the linear layers")
         ax.set_ylabel("held-out loss (red: quantized base, blue: + LoRA)")
         ax.set_yscale("log")
 

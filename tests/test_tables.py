@@ -53,14 +53,14 @@ def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
     assert plots == ["rank_ablation.png"] and (tmp_path / "rank_ablation.png").stat().st_size > 0
 
 
-def test_bits_layout_reports_the_recovered_gap(tmp_path):
+def test_bits_layout_reports_the_gap_to_the_unquantized_base(tmp_path):
     write_results(tmp_path, [
         ("float32", {"name": "float32", "quant.format": None}, summary(eval_loss_before=4.0, eval_loss_after=3.5)),
         ("int2", {"name": "int2", "quant.format": "int2"},
          summary(quant="int2", eval_loss_before=12.0, eval_loss_after=6.0, linear_bits_per_param=2.5)),
     ])
     text, _ = write_table(tmp_path, "bits")
-    assert "| int2 | 2.500 |" in text and "| 12.000 | 6.000 | 75% of the gap |" in text
+    assert "| int2 | 2.500 |" in text and "| 12.000 | 6.000 | +2.500 |" in text
     assert "| float32 | 32.000 |" in text  # no quantized layers: frozen bytes per frozen parameter
 
 
