@@ -169,7 +169,8 @@ def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=rec["name"], linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
     save(fig, "loss_curves.png")
     return written
 
