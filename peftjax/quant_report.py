@@ -53,10 +53,13 @@ def layer_errors(model, quantized) -> list[LayerError]:
 
 
 def eval_loss(model, blocks: np.ndarray, batch_size: int) -> float:
-    from peftjax.train import evaluate, make_eval_loss
+    """Held-out next-token loss of ``model`` on (n, T + 1) token ``blocks`` (every target counts)."""
+    from peftjax.data import RecordData
+    from peftjax.train import evaluate, make_eval_fn
 
     graphdef, trainable, frozen = partition.split(model)
-    return evaluate(make_eval_loss(graphdef), trainable, frozen, blocks, batch_size)
+    rows = RecordData(blocks, np.ones((len(blocks), blocks.shape[1] - 1), np.float32))
+    return evaluate(make_eval_fn(graphdef), trainable, frozen, rows, batch_size)["eval_loss"]
 
 
 def quant_report(model, eval_blocks: np.ndarray, specs: list[tuple[str, QuantSpec]], *,
