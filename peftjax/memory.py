@@ -72,6 +72,13 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
 
 
+def expand_method(method: str, quant: str | None = None, double_quant: bool = False):
+    """(registered method, quant format, double_quant, extra peft keys) of a ``--method`` value or shorthand."""
+    options = dict(SHORTHANDS.get(method, {"method": method}))
+    return (options.pop("method"), options.pop("quant", quant), options.pop("double_quant", double_quant),
+            options)
+
+
 def architecture(name: str) -> tuple[LlamaConfig, bool]:
     if name not in ARCHITECTURES:
         raise PeftjaxError(f"unknown model {name!r} for the memory estimate; known: {', '.join(ARCHITECTURES)}")
@@ -107,7 +114,7 @@ def _storage(tree, dense_bytes: int) -> tuple[int, int]:
     for leaf in jax.tree.leaves(tree, is_leaf=_is_qarray):
         if _is_qarray(leaf):
             count += leaf.size
-            nbytes += sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(leaf))
+            nbytes += leaf.nbytes
         else:
             count += math.prod(leaf.shape)
             nbytes += math.prod(leaf.shape) * dense_bytes
@@ -140,10 +147,7 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
 
     arch, tied = architecture(model)
     label = method
-    options = dict(SHORTHANDS.get(method, {"method": method}))
-    method = options.pop("method")
-    quant = options.pop("quant", quant)
-    double_quant = options.pop("double_quant", double_quant)
+    method, quant, double_quant, options = expand_method(method, quant, double_quant)
     for name, size in (("weight_dtype", weight_dtype), ("trainable_dtype", trainable_dtype),
                        ("compute_dtype", compute_dtype)):
         if size not in DTYPE_BYTES:
@@ -236,9 +240,9 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
     from peftjax.config import from_dict, validate
     from peftjax.train import load_base, make_optimizer, make_train_step, prepare_model
 
-    options = dict(SHORTHANDS.get(method, {"method": method}))
-    quant = {"format": options.pop("quant", None), "double_quant": options.pop("double_quant", False)}
-    peft = {"rank": rank, "targets": targets, **options}
+    method, fmt, double_quant, options = expand_method(method)
+    quant = {"format": fmt, "double_quant": double_quant}
+    peft = {"method": method, "rank": rank, "targets": targets, **options}
     config = from_dict({"model": {"name": model, "remat": remat},
                         "peft": {k: v for k, v in peft.items() if v is not None},
                         "quant": quant if quant["format"] else {},

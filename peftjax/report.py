@@ -58,8 +58,18 @@ def load_results(sweep_dir) -> list[dict]:
     return list(latest.values())
 
 
-def _group_key(point: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in point.items() if k not in ("train.seed", "name")))
+def without_seed(point: dict) -> dict:
+    """``point`` without ``train.seed``, and without the ``seed=`` part its name carries when the seed is a grid
+    key (``peftjax sweep`` appends a named zip row's grid values to its name)."""
+    rest = {k: v for k, v in point.items() if k != "train.seed"}
+    if "name" in rest:
+        rest["name"] = ",".join(p for p in str(rest["name"]).split(",") if not p.startswith("seed="))
+    return rest
+
+
+def group_key(point: dict) -> tuple:
+    """Points equal in this key differ only in ``train.seed``."""
+    return tuple(sorted((k, str(v)) for k, v in without_seed(point).items()))
 
 
 def group_results(records: list[dict]) -> list[dict]:
@@ -68,10 +78,11 @@ def group_results(records: list[dict]) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault(_group_key(r["point"]), []).append(r)
+        groups.setdefault(group_key(r["point"]), []).append(r)
     rows = []
     for key, members in groups.items():
-        row = {"values": dict(key), "seeds": len(members), "names": [m["name"] for m in members]}
+        row = {"values": {k: v for k, v in key if k != "name"}, "seeds": len(members),
+               "names": [m["name"] for m in members]}
         for metric, _, _ in METRICS:
             vals = np.array([m["summary"][metric] for m in members], dtype=float)
             row[metric] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
@@ -103,9 +114,12 @@ def sweep_table(rows: list[dict]) -> tuple[str, list[list[str]]]:
     header = keys + ["seeds"] + [label for _, label, _ in METRICS]
     body = [[r["values"].get(k, "") for k in keys] + [str(r["seeds"])] +
             [_cell(m, *r[m], fmt, r["seeds"]) for m, _, fmt in METRICS] for r in rows]
+    return markdown_table(header, body), [header] + body
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines), [header] + body
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:

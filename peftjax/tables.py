@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from peftjax.errors import PeftjaxError
-from peftjax.report import GIB, MIB, load_results, method_label
+from peftjax.report import GIB, MIB, group_key, load_results, markdown_table, method_label, without_seed
 
 TABLES: dict[str, Callable] = {}
 
@@ -32,11 +32,10 @@ def table(name: str):
 
 
 def _groups(records: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """(point without train.seed, its summaries) in first-seen order."""
-    groups: dict[str, tuple[dict, list[dict]]] = {}
+    """(point without its seed, the group's summaries) in first-seen order; groups as in the generic report."""
+    groups: dict[tuple, tuple[dict, list[dict]]] = {}
     for r in records:
-        point = {k: v for k, v in r["point"].items() if k != "train.seed"}
-        groups.setdefault(repr(sorted(point.items())), (point, []))[1].append(r["summary"])
+        groups.setdefault(group_key(r["point"]), (without_seed(r["point"]), []))[1].append(r["summary"])
     return list(groups.values())
 
 
@@ -72,11 +71,6 @@ def _plot(out: Path, name: str, draw) -> str:
     return name
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 @table("lora-vs-qlora")
 def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
     header = ["Technique", "Epochs", "Training time", "Memory (peak RSS)", "with compilation", "Frozen weights",
@@ -91,7 +85,7 @@ def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
                      f"{s['trainable_params']:,}",
                      _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"),
                      _stat(ss, "tokens_per_s", "{:.0f}")])
-    return _markdown(header, rows), []
+    return markdown_table(header, rows), []
 
 
 @table("rank")
@@ -125,7 +119,7 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         ax.set_ylabel("held-out loss after training")
         ax.legend()
 
-    text = _markdown(header, rows) + f"\n\nHeld-out loss before training: {np.mean(base):.3f}."
+    text = markdown_table(header, rows) + f"\n\nHeld-out loss before training: {np.mean(base):.3f}."
     return text, [_plot(out, "rank_ablation.png", draw)]
 
 
@@ -157,7 +151,7 @@ def bits_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         ax.set_ylabel("held-out loss (red: quantized base, blue: + LoRA)")
         ax.set_yscale("log")
 
-    return _markdown(header, rows), [_plot(out, "loss_vs_bits.png", draw)]
+    return markdown_table(header, rows), [_plot(out, "loss_vs_bits.png", draw)]
 
 
 @table("methods")
@@ -183,7 +177,7 @@ def methods_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("held-out loss after training")
 
-    return _markdown(header, rows), [_plot(out, "methods.png", draw)]
+    return markdown_table(header, rows), [_plot(out, "methods.png", draw)]
 
 
 def write_table(sweep_dir, name: str) -> tuple[str, list[str]]:

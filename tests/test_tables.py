@@ -43,8 +43,9 @@ def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
     for targets in ("attn", "all"):
         for r in (1, 8):
             for seed, loss in ((0, 3.0 + 1 / r), (1, 3.2 + 1 / r)):
+                # as `peftjax sweep` names a named zip row crossed with a grid over rank and seed
                 records.append((f"{targets},rank={r},seed={seed}",
-                                {"name": f"{targets},rank={r}", "peft.rank": r, "train.seed": seed},
+                                {"name": f"{targets},rank={r},seed={seed}", "peft.rank": r, "train.seed": seed},
                                 summary(eval_loss_after=loss + (targets == "attn"), trainable_params=100 * r)))
     write_results(tmp_path, records)
     text, plots = write_table(tmp_path, "rank")

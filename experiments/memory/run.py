@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from peftjax import memory as M
+from peftjax.report import markdown_table
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 BATCH, SEQ = 4, 128  # the CPU-sized SmolLM2 runs of experiments/methods and lora_vs_qlora
@@ -34,11 +35,6 @@ def smollm2_rows(runs: Path | None) -> tuple[list[list[str]], list[tuple]]:
                      f"{e.total / m['total']:.3f}", rss])
         parts.append((method, e, m))
     return rows, parts
-
-
-def markdown(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def plots(out: Path, parts) -> list[str]:
@@ -93,7 +89,7 @@ def main() -> None:
     header = ["method", "weights MiB", "adapter + grads + AdamW MiB", "activations MiB", "estimate",
               "XLA allocation", "estimate / XLA", "process memory (estimate / it)"]
     text = (f"## bf16 weights\n\n{classic}\n\n## Training memory, batch 1 x 512 tokens\n\n{methods}\n\n"
-            f"## SmolLM2-135M, batch {BATCH} x {SEQ}, float32: estimate vs measured\n\n{markdown(header, rows)}\n")
+            f"## SmolLM2-135M, batch {BATCH} x {SEQ}, float32: estimate vs measured\n\n{markdown_table(header, rows)}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     names = plots(args.out, parts)
     (args.out / "results.md").write_text(text + "".join(f"\n![{n}]({n})\n" for n in names))
