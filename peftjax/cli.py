@@ -47,8 +47,8 @@ def cmd_train(args) -> int:
 def cmd_quickstart(args) -> int:
     """Run every point of the config's sweep as its own process (honest peak memory), then the table."""
     from peftjax.config import from_dict, load_dict
-    from peftjax.report import comparison_table
-    from peftjax.sweep import as_overrides, expand, point_name, train_command
+    from peftjax.studies.report import comparison_table
+    from peftjax.studies.sweep import as_overrides, expand, point_name, train_command
 
     data = load_dict(args.config)
     points = expand(data.pop("sweep", None))
@@ -79,10 +79,11 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from peftjax.bench import bench
+    from peftjax.studies.bench import bench
 
     result = bench(model=args.model, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
-                   targets=args.targets, steps=args.steps, warmup=args.warmup, double_quant=args.double_quant)
+                   targets=args.targets, steps=args.steps, warmup=args.warmup, param_dtype=args.param_dtype,
+                   remat=args.remat)
     if not args.times:
         result.pop("step_times_s")
     print(json.dumps(result))
@@ -90,18 +91,20 @@ def cmd_bench(args) -> int:
 
 
 def cmd_quant_report(args) -> int:
-    from peftjax.assets import shakespeare_texts
-    from peftjax.data import lm_data
-    from peftjax.models import from_pretrained
-    from peftjax.quant_report import format_layer_table, format_table, parse_format_spec, quant_report
+    from peftjax.config import from_dict
+    from peftjax.studies.quant_report import format_layer_table, format_table, parse_format_spec, quant_report
+    from peftjax.train import load_base, load_data
 
     block = None if args.block_size == 0 else args.block_size
     specs = [(name, parse_format_spec(name, block)) for name in args.formats.split(",")]
-    model, tokenizer = from_pretrained(args.model)
-    data = lm_data(shakespeare_texts(), tokenizer, seq_len=args.seq_len, eval_docs=2, max_eval_blocks=args.eval_blocks)
-    rows, per_layer = quant_report(model, data.eval, specs)
+    config = from_dict({"model": {"name": args.model},
+                        "data": {"dataset": "shakespeare", "seq_len": args.seq_len, "eval_docs": 2,
+                                 "max_eval_blocks": args.eval_blocks}})
+    model, tokenizer = load_base(config)
+    data = load_data(config, tokenizer)
+    rows, per_layer = quant_report(model, data.eval.tokens, specs)
     print(f"{args.model}: linear layers quantized (block size {block or 'per-tensor'}); held-out loss on "
-          f"{len(data.eval)} blocks x {args.seq_len} tokens of {', '.join(data.eval_docs)}\n")
+          f"{len(data.eval)} blocks x {args.seq_len} tokens of {', '.join(data.info['eval_docs'])}\n")
     print(format_table(rows))
     if args.per_layer:
         print("\n" + format_layer_table(per_layer))
@@ -109,8 +112,8 @@ def cmd_quant_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from peftjax.report import write_sweep_report
-    from peftjax.sweep import parse_shard, run_sweep
+    from peftjax.studies.report import write_sweep_report
+    from peftjax.studies.sweep import parse_shard, run_sweep
 
     out = Path(args.out)
     results = run_sweep(args.spec, out, workers=args.workers, shard=parse_shard(args.shard))
@@ -123,10 +126,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from peftjax.report import write_sweep_report
+    from peftjax.studies.report import write_sweep_report
 
     if args.table:
-        from peftjax.tables import TABLES, write_table
+        from peftjax.studies.tables import TABLES, write_table
 
         if args.table not in TABLES:  # checked before anything is written
             raise PeftjaxError(f"unknown --table {args.table!r}; known: {', '.join(TABLES)}")
@@ -138,7 +141,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from peftjax import memory as M
+    from peftjax.studies import memory as M
 
     if args.table == "classic":
         print("bf16 weights (GiB of the exact parameter count; the classic table rounds down):\n")
@@ -193,6 +196,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from peftjax.config import PRESETS, preset_names
+
+    for name in preset_names():
+        p = PRESETS.get(name)
+        print(f"{name:12s} {p.description if p else 'registered method, its own defaults'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,14 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the train step (one JSON line), like ../shared/peer's script")
     b.add_argument("--model", default="smollm2")
-    b.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    b.add_argument("--method", default="lora", help="a preset (lora, qlora, qlora-fp4, lora-bf16, full, ...) or a "
+                                                    "registered method; `peftjax presets` lists them")
     b.add_argument("--batch", type=int, default=4)
     b.add_argument("--seq", type=int, default=256)
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--targets", default="all-linear")
     b.add_argument("--steps", type=int, default=6)
     b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--double-quant", action="store_true", help="QLoRA with double-quantized scales")
+    b.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="storage dtype of the unquantized weights")
+    b.add_argument("--remat", action="store_true", help="activation checkpointing per decoder layer")
     b.add_argument("--times", action="store_true", help="also print every timed step")
     b.set_defaults(func=cmd_bench)
 
@@ -244,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "activations) from the architecture")
     m.add_argument("--model", default="smollm2", help="smollm2, llama2-7b, llama2-13b, llama2-70b, mistral-7b, "
                                                       "llama-65b, tiny")
-    m.add_argument("--method", default="lora", help="full, lora, qlora, dora, ia3, prefix, prompt, vera")
+    m.add_argument("--method", default="lora", help="a preset (lora, qlora, dora, full, ...) or a registered method")
     m.add_argument("--rank", type=int, default=8)
     m.add_argument("--targets", help="adapter targets (default: the method's)")
     m.add_argument("--batch-size", type=int, default=1)
@@ -272,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=["hf-peft", "hf"])
     e.add_argument("out")
     e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("presets", help="list the presets and methods that --method and `preset:` accept")
+    pr.set_defaults(func=cmd_presets)
 
     r = sub.add_parser("quant-report", help="bits/param, bytes, weight error and held-out loss per quant format")
     r.add_argument("--model", default="smollm2")

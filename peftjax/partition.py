@@ -1,6 +1,6 @@
 """Partition a model once into pure pytrees: ``graphdef, trainable, frozen = split(model)``.
 
-``trainable`` holds every :class:`~peftjax.peft.variables.Trainable` variable (adapters, or base weights that
+``trainable`` holds every :class:`~peftjax.variables.Trainable` variable (adapters, or base weights that
 full fine-tuning re-typed); ``frozen`` holds everything else, including quantized weights. The train step
 differentiates ``trainable`` only and receives ``frozen`` as a plain argument, so no gradient is ever computed or
 stored for the frozen base.
@@ -12,7 +12,7 @@ import math
 import jax
 from flax import nnx
 
-from peftjax.peft.variables import Trainable
+from peftjax.variables import Trainable
 
 
 def split(model: nnx.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from peftjax import partition
-from peftjax.checkpoint import Checkpointer
+from peftjax.train.checkpoint import Checkpointer
 from peftjax.config import from_dict
 from peftjax.errors import PeftjaxError
 from peftjax.train import load_run, make_optimizer, prepare_model
@@ -100,7 +100,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     child = textwrap.dedent(f"""
         import sys, time
         import orbax.checkpoint as ocp
-        from peftjax.checkpoint import Checkpointer
+        from peftjax.train.checkpoint import Checkpointer
         from peftjax.config import from_dict
         from tests.test_checkpoint import TINY, _state
         config = from_dict(TINY)

@@ -3,7 +3,7 @@ import pytest
 
 from peftjax.config import from_dict
 from peftjax.errors import PeftjaxError
-from peftjax.sweep import expand, point_name
+from peftjax.studies.sweep import expand, point_name
 
 
 def test_overrides_are_typed():

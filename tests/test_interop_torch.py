@@ -5,7 +5,7 @@ import pytest
 
 from peftjax.peft import LoRAConfig, apply
 from peftjax.peft.hf import save_hf_adapter, save_hf_model
-from peftjax.quant.policy import QuantSpec, quantize_model
+from peftjax.quant.policy import QuantRule, quantize_model
 from tests.helpers import random_blocks, tiny_model
 
 torch = pytest.importorskip("torch", reason="the interop extra (torch, peft, transformers) is not installed")
@@ -16,7 +16,7 @@ peft_hf = pytest.importorskip("peft")
 def _adapted(quantized: bool):
     base = tiny_model(seed=1)
     if quantized:
-        base = quantize_model(base, [QuantSpec(format="nf4")])
+        base = quantize_model(base, [QuantRule(format="nf4")])
     model = apply(base, LoRAConfig(rank=4, alpha=8.0, targets="all-linear"))
     rng = np.random.default_rng(2)
     for path, layer in __import__("flax").nnx.iter_modules(model):

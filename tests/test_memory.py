@@ -5,7 +5,7 @@ import jax
 import pytest
 from flax import nnx
 
-from peftjax import memory as M
+from peftjax.studies import memory as M
 from peftjax import partition, peft
 from peftjax.cli import main
 from peftjax.models import LlamaConfig, LlamaForCausalLM

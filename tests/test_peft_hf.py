@@ -80,10 +80,10 @@ def test_save_refuses_non_empty_output_and_writes_nothing_on_error(tmp_path):
 def test_merged_hf_export_loads_back_with_the_same_logits(tmp_path):
     from peftjax.models import from_pretrained
     from peftjax.models.tokenizer import byte_tokenizer
-    from peftjax.quant.policy import QuantSpec, quantize_model
+    from peftjax.quant.policy import QuantRule, quantize_model
 
     model, _ = _tiny_adapter_dir(tmp_path)
-    quantized = apply(quantize_model(tiny_model(), [QuantSpec(format="nf4")]), LoRAConfig(rank=2))
+    quantized = apply(quantize_model(tiny_model(), [QuantRule(format="nf4")]), LoRAConfig(rank=2))
     for m in (model, quantized):
         out = save_hf_model(m, tmp_path / f"merged{id(m)}")
         byte_tokenizer().backend.save(str(out / "tokenizer.json"))

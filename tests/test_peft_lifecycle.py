@@ -10,7 +10,7 @@ from peftjax import peft
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.vera import VeRAConfig
-from peftjax.quant.policy import QuantSpec, quantize_model
+from peftjax.quant.policy import QuantRule, quantize_model
 from tests.helpers import random_blocks, tiny_model
 from tests.test_peft_methods import randomise
 
@@ -42,7 +42,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores_w(name):
 
 @pytest.mark.parametrize("name", list(MERGEABLE))
 def test_merge_into_quantized_base_requantizes_and_reports_the_error(name):
-    base = quantize_model(tiny_model(), [QuantSpec(format="nf4", block_size=64)])
+    base = quantize_model(tiny_model(), [QuantRule(format="nf4", block_size=64)])
     config = dataclasses.replace(MERGEABLE[name], targets="q_proj")
     model = randomise(peft.apply(base, config), peft.Adapter)
     merged, report = peft.merge(model)
@@ -129,6 +129,6 @@ def test_summary_of_the_50x50_example():
 def test_summary_counts_quantized_weights_by_logical_size():
     base = tiny_model()
     dense = peft.summary(peft.apply(base, peft.LoRAConfig(rank=2)), print_fn=lambda s: None)
-    quant = peft.summary(peft.apply(quantize_model(base, [QuantSpec(format="nf4")]), peft.LoRAConfig(rank=2)),
+    quant = peft.summary(peft.apply(quantize_model(base, [QuantRule(format="nf4")]), peft.LoRAConfig(rank=2)),
                          print_fn=lambda s: None)
     assert dense == quant

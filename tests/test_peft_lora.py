@@ -8,7 +8,7 @@ from flax import nnx
 from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
 from peftjax.peft import LoRAConfig, LoRALinear
-from peftjax.peft.variables import LoRA
+from peftjax.variables import LoRA
 from peftjax.train import lm_loss
 from tests.helpers import random_blocks, tiny_model
 

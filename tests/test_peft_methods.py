@@ -78,10 +78,10 @@ def test_loftq_beats_plain_quantization():
 
 
 def test_loftq_needs_full_precision_base():
-    from peftjax.quant.policy import QuantSpec, quantize_model
+    from peftjax.quant.policy import QuantRule, quantize_model
 
     with pytest.raises(PeftjaxError, match="LoftQ needs the full-precision base"):
-        peft.apply(quantize_model(tiny_model(), [QuantSpec()]), peft.LoRAConfig(init="loftq"))
+        peft.apply(quantize_model(tiny_model(), [QuantRule()]), peft.LoRAConfig(init="loftq"))
 
 
 def test_rank_and_alpha_patterns_and_layers_to_transform():

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from peftjax import partition, peft
-from peftjax.peft.variables import Trainable
+from peftjax.variables import Trainable
 from peftjax.peft.vera import VeRA, VeRAConfig
 from tests.helpers import random_blocks, tiny_model
 

@@ -7,17 +7,17 @@ from flax import nnx
 
 from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
-from peftjax.peft.variables import LoRA, Quantized
+from peftjax.variables import LoRA, Quantized
 from peftjax.quant import QArray, dequantize, get_format
-from peftjax.quant.policy import QuantizedLinear, QuantSpec, quantize_model, quantized_matmul
+from peftjax.quant.policy import QuantizedLinear, QuantRule, quantize_model, quantized_matmul
 from peftjax.train import lm_loss, make_optimizer, make_train_step
 from peftjax.config import from_dict
 from tests.helpers import random_blocks, tiny_model
 
 
 def test_policy_quantizes_linears_only_and_first_rule_wins():
-    model = quantize_model(tiny_model(), [QuantSpec(targets=("layers\\.0\\..*",), format="int8", block_size=None),
-                                          QuantSpec(targets="all-linear", format="nf4", block_size=64)])
+    model = quantize_model(tiny_model(), [QuantRule(targets=("layers\\.0\\..*",), format="int8", block_size=None),
+                                          QuantRule(targets="all-linear", format="nf4", block_size=64)])
     first, second = model.layers[0].mlp.up_proj, model.layers[1].mlp.up_proj
     assert isinstance(first, QuantizedLinear) and first.weight.get_value().fmt == "int8"
     assert isinstance(second, QuantizedLinear) and second.weight.get_value().fmt == "nf4"
@@ -27,7 +27,7 @@ def test_policy_quantizes_linears_only_and_first_rule_wins():
 
 def test_nf4_storage_is_packed_two_codes_a_byte():
     base = tiny_model()
-    model = quantize_model(base, [QuantSpec(format="nf4", block_size=64)])
+    model = quantize_model(base, [QuantRule(format="nf4", block_size=64)])
     q = model.layers[0].mlp.up_proj.weight.get_value()
     assert isinstance(q, QArray) and q.codes.dtype == jnp.uint8
     assert q.codes.size == base.layers[0].mlp.up_proj.weight.size // 2
@@ -41,7 +41,7 @@ def test_nf4_storage_is_packed_two_codes_a_byte():
 
 
 def test_quantized_matmul_gradient_matches_dense_dequantized():
-    model = quantize_model(tiny_model(), [QuantSpec(format="nf4")])
+    model = quantize_model(tiny_model(), [QuantRule(format="nf4")])
     q = model.layers[0].self_attn.o_proj.weight.get_value()
     x = jax.random.normal(jax.random.key(0), (3, q.shape[0]))
     g_custom = jax.grad(lambda x: jnp.sum(jnp.sin(quantized_matmul(x, q))))(x)
@@ -50,7 +50,7 @@ def test_quantized_matmul_gradient_matches_dense_dequantized():
 
 
 def test_qlora_trains_only_adapters_and_loss_falls():
-    model = peft.apply(quantize_model(tiny_model(), [QuantSpec(format="nf4")]), peft.LoRAConfig(rank=4))
+    model = peft.apply(quantize_model(tiny_model(), [QuantRule(format="nf4")]), peft.LoRAConfig(rank=4))
     graphdef, trainable, frozen = partition.split(model)
     assert all(isinstance(v, LoRA) for _, v in nnx.to_flat_state(trainable))
     assert sum(isinstance(v, Quantized) for _, v in nnx.to_flat_state(frozen)) == 14
@@ -66,7 +66,7 @@ def test_qlora_trains_only_adapters_and_loss_falls():
 
 
 def test_zero_adapter_on_quantized_base_equals_quantized_model():
-    quantized = quantize_model(tiny_model(), [QuantSpec(format="nf4")])
+    quantized = quantize_model(tiny_model(), [QuantRule(format="nf4")])
     ids = random_blocks(1, 8)
     np.testing.assert_array_equal(quantized(ids), peft.apply(quantized, peft.LoRAConfig(rank=2))(ids))
 
@@ -75,4 +75,4 @@ def test_nan_weights_are_named():
     model = tiny_model()
     model.layers[1].mlp.down_proj.weight.set_value(model.layers[1].mlp.down_proj.weight[...].at[0, 0].set(jnp.nan))
     with pytest.raises(PeftjaxError, match=r"layers\.1\.mlp\.down_proj"):
-        quantize_model(model, [QuantSpec(format="nf4")])
+        quantize_model(model, [QuantRule(format="nf4")])

@@ -5,11 +5,11 @@ from flax import nnx
 
 from peftjax import partition, peft
 from peftjax.config import from_dict
-from peftjax.quant.policy import FakeQuantLinear, QuantSpec, qat_model, quantize_model
+from peftjax.quant.policy import FakeQuantLinear, QuantRule, qat_model, quantize_model
 from peftjax.train import lm_loss, make_optimizer, make_train_step
 from tests.helpers import random_blocks, tiny_model
 
-SPEC = QuantSpec(format="int3", block_size=64)
+SPEC = QuantRule(format="int3", block_size=64)
 
 
 def _train(model, blocks, method=None, learning_rate=3e-3, steps=80):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from peftjax.cli import main
-from peftjax.quant_report import format_table, parse_format_spec, quant_report
+from peftjax.studies.quant_report import format_table, parse_format_spec, quant_report
 from tests.helpers import random_blocks, tiny_model
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from peftjax.errors import PeftjaxError
-from peftjax.sweep import parse_shard, plan
+from peftjax.studies.sweep import parse_shard, plan
 
 PLAY = "Enter two lords.\nFIRST LORD. What news, my lord?\nSECOND LORD. The king is dead; long live the king.\n"
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from peftjax.cli import main
-from peftjax.tables import TABLES, write_table
+from peftjax.studies.tables import TABLES, write_table
 
 GIB = 1024 ** 3
 

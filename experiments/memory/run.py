@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from peftjax import memory as M
-from peftjax.report import markdown_table
+from peftjax.studies import memory as M
+from peftjax.studies.report import markdown_table
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 BATCH, SEQ = 4, 128  # the CPU-sized SmolLM2 runs of experiments/methods and lora_vs_qlora

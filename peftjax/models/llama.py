@@ -47,6 +47,11 @@ class LlamaConfig:
         return cls(**base)
 
 
+def sub_key(key: jax.Array | None, i: int) -> jax.Array | None:
+    """The i-th independent stream of a call's key (None stays None: no randomness)."""
+    return None if key is None else jax.random.fold_in(key, i)
+
+
 class Linear(nnx.Module):
     """y = x @ W (+ b), W of shape (d_in, d_out), a frozen base weight unless surgery re-types it."""
 
@@ -60,7 +65,8 @@ class Linear(nnx.Module):
         """The dense weight in ``dtype``; quantized subclasses dequantize here, inside the traced matmul."""
         return self.weight[...].astype(dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """``key``: the call's randomness (adapter dropout); a plain linear layer has none and ignores it."""
         y = x @ self.kernel(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)[None, :]
@@ -142,11 +148,11 @@ class Attention(nnx.Module):
         # or None while it is disabled.
         self.prefix = nnx.data(None)
 
-    def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None):
+    def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
         B, T = shape_BT
-        q = apply_rope(self.q_proj(x_ND).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x_ND).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x_ND, sub_key(key, 0)).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x_ND, sub_key(key, 1)).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x_ND, sub_key(key, 2)).reshape(B, T, self.num_kv_heads, self.head_dim)
         new_kv = None
         if cache_kv is None:
             mask = jnp.tril(jnp.ones((T, T), bool))
@@ -166,7 +172,7 @@ class Attention(nnx.Module):
             v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (B, *pv.shape)), v], axis=1)
             mask = jnp.concatenate([jnp.ones((T, L), bool), mask], axis=1)
         out = gqa_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim)), new_kv
+        return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim), sub_key(key, 3)), new_kv
 
 
 class MLP(nnx.Module):
@@ -176,8 +182,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_ND):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+    def __call__(self, x_ND, key=None):
+        gated = jax.nn.silu(self.gate_proj(x_ND, sub_key(key, 0))) * self.up_proj(x_ND, sub_key(key, 1))
+        return self.down_proj(gated, sub_key(key, 2))
 
 
 class DecoderLayer(nnx.Module):
@@ -187,10 +194,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
         self.mlp = MLP(config, rngs=rngs, dtype=dtype)
 
-    def __call__(self, h_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None):
-        attn, new_kv = self.self_attn(self.input_layernorm(h_ND), shape_BT, cos, sin, cache_kv, cache_length)
+    def __call__(self, h_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(h_ND), shape_BT, cos, sin, cache_kv, cache_length,
+                                      sub_key(key, 0))
         h_ND = h_ND + attn
-        return h_ND + self.mlp(self.post_attention_layernorm(h_ND)), new_kv
+        return h_ND + self.mlp(self.post_attention_layernorm(h_ND), sub_key(key, 1)), new_kv
+
+
+def _run_layer(layer, h_ND, shape_BT, cos, sin, cache_kv, cache_length, key):
+    return layer(h_ND, shape_BT, cos, sin, cache_kv, cache_length, key)
 
 
 class Embedding(nnx.Module):
@@ -222,11 +234,14 @@ class LlamaForCausalLM(nnx.Module):
         return 0 if self.prompt is None else self.prompt.num_tokens
 
     def hidden_states(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
-                      prepend_prompt: bool = True) -> tuple[jax.Array, KVCache | None]:
+                      prepend_prompt: bool = True, dropout_key: jax.Array | None = None,
+                      remat: bool = False) -> tuple[jax.Array, KVCache | None]:
         """Final normed hidden states as (B*T, D), and the updated cache when one is given.
 
         With prompt tuning the virtual tokens are prepended (once: decode steps pass ``prepend_prompt=False``),
-        attended to, and dropped from the returned states, so they line up with ``ids_BT``.
+        attended to, and dropped from the returned states, so they line up with ``ids_BT``. ``dropout_key`` is
+        the call's randomness (adapter dropout; layer i gets ``fold_in(key, i)``). ``remat`` recomputes each
+        decoder layer's activations in the backward pass (``nnx.remat``: only the layer inputs are kept).
         """
         B, T_in = ids_BT.shape
         n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
@@ -242,9 +257,12 @@ class LlamaForCausalLM(nnx.Module):
             virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         new_keys, new_values = [], []
+        run_layer = _run_layer
+        if remat:
+            run_layer = nnx.remat(_run_layer, static_argnums=(2,))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, new_kv = layer(h, (B, T), cos, sin, kv, start)
+            h, new_kv = run_layer(layer, h, (B, T), cos, sin, kv, start, sub_key(dropout_key, i))
             if new_kv is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])

@@ -11,7 +11,7 @@ import dataclasses
 from flax import nnx
 
 from peftjax.peft.registry import register_method
-from peftjax.peft.variables import Tuned
+from peftjax.variables import Tuned
 from peftjax.models.llama import Linear
 from peftjax.rules import ALL_LINEAR, as_patterns, match_rules, modules_of_type, path_str, set_at_path
 
@@ -37,5 +37,5 @@ def apply_full(model: nnx.Module, config: FullConfig | SelectiveConfig) -> None:
         set_at_path(model, path, Tuned(params[path].get_value()))
 
 
-register_method("full", FullConfig, apply_full)
-register_method("selective", SelectiveConfig, apply_full)
+register_method("full", FullConfig, apply_full, trains_base=True)
+register_method("selective", SelectiveConfig, apply_full, trains_base=True)

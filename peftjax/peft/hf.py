@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
-from peftjax.peft.lora import DoRALinear, LoRAConfig, LoRALinear
+from peftjax.peft.lora import LoRAConfig, LoRALinear
 from peftjax.peft.registry import apply
 
 PREFIX = "base_model.model.model."
@@ -70,7 +70,7 @@ def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
     used = set()
     for path, layer in _lora_layers(adapted).items():
         pieces = {"lora_A.weight": (layer.lora_a, True), "lora_B.weight": (layer.lora_b, True)}
-        if isinstance(layer, DoRALinear):
+        if layer.dora:
             pieces["lora_magnitude_vector"] = (layer.magnitude, False)
         for suffix, (var, transpose) in pieces.items():
             name = f"{path}.{suffix}"
@@ -103,7 +103,7 @@ def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-
         raise PeftjaxError("the model has no LoRA/DoRA adapters to save; HF PEFT export supports LoRA and DoRA")
     if any(layer.merged for layer in layers.values()):
         raise PeftjaxError("the adapters are merged into the base; unmerge before saving them as an adapter")
-    kinds = {type(layer) for layer in layers.values()}
+    kinds = {(type(layer), layer.dora) for layer in layers.values()}
     if len(kinds) > 1 or len({layer.rslora for layer in layers.values()}) > 1:
         raise PeftjaxError("HF PEFT stores one adapter type and one scaling rule per adapter; this model mixes them")
     rank, rank_pattern = _uniform({p: layer.rank for p, layer in layers.items()})
@@ -112,13 +112,13 @@ def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-
     for path, layer in layers.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora_a[...]).T)
         tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora_b[...]).T)
-        if isinstance(layer, DoRALinear):
+        if layer.dora:
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(layer.magnitude[...])
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
         "lora_alpha": alpha, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": next(iter(layers.values())).rslora, "use_dora": DoRALinear in kinds,
+        "use_rslora": next(iter(layers.values())).rslora, "use_dora": next(iter(layers.values())).dora,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
     }

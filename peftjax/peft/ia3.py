@@ -19,9 +19,10 @@ from flax import nnx
 
 from peftjax.models.llama import Linear
 from peftjax.peft.registry import register_method
-from peftjax.peft.variables import IA3
+from peftjax.variables import IA3
 from peftjax.peft.wrapper import AdapterLinear
-from peftjax.rules import as_patterns, match_rules, modules_of_type, pattern_matches, set_at_path
+from peftjax.rules import as_patterns, pattern_matches
+from peftjax.surgery import replace_matching
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,7 +41,7 @@ class IA3Linear(AdapterLinear):
         self.on_input = on_input
         self.ia3 = IA3(jnp.ones((base.d_in if on_input else base.d_out,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         if self.bypass():
             return self.base(x)
         scale = self.ia3[...].astype(x.dtype)[None, :]
@@ -58,11 +59,9 @@ class IA3Linear(AdapterLinear):
 
 
 def apply_ia3(model: nnx.Module, config: IA3Config) -> None:
-    linears = modules_of_type(model, Linear)
     feedforward = as_patterns(config.feedforward)
-    for path in match_rules(linears, as_patterns(config.targets), what="IA3 target"):
-        on_input = any(pattern_matches(p, path) for p in feedforward)
-        set_at_path(model, path, IA3Linear(linears[path], on_input=on_input))
+    replace_matching(model, Linear, config.targets, what="IA3 target", make=lambda path, base, _: IA3Linear(
+        base, on_input=any(pattern_matches(p, path) for p in feedforward)))
 
 
 register_method("ia3", IA3Config, apply_ia3)

@@ -15,13 +15,15 @@ weight's columns: y = m * (W + s B A) x / ||W + s B A||, the norm treated as a c
 ``rank_pattern`` / ``alpha_pattern`` map module-path regexes (see :mod:`peftjax.rules`, first match wins) to a rank or
 alpha for those modules; ``layers_to_transform`` keeps only the decoder layers with those indices.
 
-Quantization-aware LoRA (``qat_format="nf4"`` etc.): the forward uses ``fake_quant(W + s A B)``, the quantized
-merge that deployment will run, with a straight-through gradient, so the adapter learns to survive being merged into
-a quantized base (see :func:`peftjax.peft.merge.merge`, which dequantizes, adds and requantizes).
+Variants are strategies (:class:`LoRAVariant`: plain LoRA, :class:`DoRA`) that compose with every init and with
+quantization-aware training (``qat_format="nf4"`` etc.): the forward then uses ``fake_quant(merged weight)``, the
+quantized merge that deployment will run, with a straight-through gradient, so the adapter learns to survive being
+merged into a quantized base (see :func:`peftjax.peft.merge.merge`, which dequantizes, adds and requantizes).
+QAT + DoRA fake-quantizes DoRA's merged weight m * V / ||V||.
 
-Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only while a key is set with
-:func:`set_dropout_key` (a training step calls it on the merged model with a fresh key each step); without a key the
-forward is deterministic (evaluation, generation).
+Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only when the call is given a
+key (``layer(x, key)``; the model threads ``dropout_key`` down to every layer, each folding in its own index);
+without a key the forward is deterministic (evaluation, generation).
 """
 from __future__ import annotations
 
@@ -37,12 +39,11 @@ from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.merge import requantize_like
 from peftjax.peft.registry import register_method
-from peftjax.peft.variables import LoRA, Quantized
+from peftjax.variables import LoRA, Quantized
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.quant import dequantize, fake_quant, get_format, quantize
-from peftjax.rules import as_patterns, match_rules, modules_of_type, pattern_matches, set_at_path
-
-INITS = ("default", "gaussian", "pissa", "loftq")
+from peftjax.rules import modules_of_type, pattern_matches
+from peftjax.surgery import check_rank, replace_matching
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,97 +106,183 @@ def loftq_init(w_DO: jax.Array, rank: int, scale: float, fmt: str, block_size: i
     return q, a, b
 
 
+class LoRAVariant:
+    """How a LoRA layer turns its factors into an output and a merged weight (a strategy: one object per layer
+    kind, stateless; its variables live on the layer). Variants compose with every init and with QAT."""
+
+    name = "lora"
+
+    def setup(self, layer: "LoRALinear") -> None:
+        """Add the variant's own variables to a freshly built layer."""
+
+    def adapter_out(self, layer: "LoRALinear", x_ND: jax.Array) -> jax.Array:
+        """The adapter path's contribution to the output for input ``x`` (linear in x)."""
+        return lora_delta(x_ND, layer.lora_a[...], layer.lora_b[...], layer.scale)
+
+    def forward(self, layer: "LoRALinear", x_ND: jax.Array, adapter_x_ND: jax.Array) -> jax.Array:
+        """The layer's output: the base sees ``x``, the adapter ``adapter_x`` (``x`` after dropout)."""
+        return layer.base(x_ND) + self.adapter_out(layer, adapter_x_ND)
+
+    def merged_weight(self, layer: "LoRALinear", w_DO: jax.Array) -> jax.Array:
+        """The dense weight the adapted layer computes with (differentiable in the factors)."""
+        return w_DO + layer.delta_weight().astype(w_DO.dtype)
+
+    def merge(self, layer: "LoRALinear", w_DO: jax.Array) -> jax.Array:
+        return self.merged_weight(layer, w_DO)
+
+    def unmerge(self, layer: "LoRALinear", w_DO: jax.Array) -> jax.Array:
+        return w_DO - layer.delta_weight().astype(w_DO.dtype)
+
+
+class DoRA(LoRAVariant):
+    """DoRA: y = m * ((W + s A B) x) / ||W + s A B||, the column norm a constant in the backward pass (§4.3)."""
+
+    name = "dora"
+
+    def setup(self, layer):
+        layer.magnitude = LoRA(column_norm(layer.base.kernel(jnp.float32)))
+        layer.merged_norm = nnx.data(None)  # ||W + s A B|| at merge time, which unmerge needs
+
+    def factor(self, layer) -> jax.Array:
+        """m / ||W + s A B|| per output column."""
+        norm = jax.lax.stop_gradient(column_norm(layer.base.kernel(jnp.float32) + layer.delta_weight()))
+        return layer.magnitude[...] / norm
+
+    def adapter_out(self, layer, x_ND):
+        return super().adapter_out(layer, x_ND) * self.factor(layer).astype(x_ND.dtype)[None, :]
+
+    def forward(self, layer, x_ND, adapter_x_ND):
+        y = layer.base(x_ND)
+        bias = layer.base.bias
+        if bias is not None:
+            y = y - bias[...].astype(x_ND.dtype)[None, :]
+        factor = self.factor(layer).astype(x_ND.dtype)[None, :]
+        y = y * factor + self.adapter_out(layer, adapter_x_ND)
+        return y if bias is None else y + bias[...].astype(x_ND.dtype)[None, :]
+
+    def merged_weight(self, layer, w_DO):
+        v = w_DO + layer.delta_weight().astype(w_DO.dtype)
+        return v * self.factor(layer).astype(w_DO.dtype)[None, :]
+
+    def merge(self, layer, w_DO):
+        v = w_DO + layer.delta_weight().astype(w_DO.dtype)
+        norm = column_norm(v)
+        layer.merged_norm = nnx.Variable(norm)
+        return v * (layer.magnitude[...] / norm).astype(w_DO.dtype)[None, :]
+
+    def unmerge(self, layer, w_DO):
+        norm = layer.merged_norm[...]
+        layer.merged_norm = None
+        v = w_DO * (norm / layer.magnitude[...]).astype(w_DO.dtype)[None, :]
+        return v - layer.delta_weight().astype(w_DO.dtype)
+
+
+VARIANTS = {"lora": LoRAVariant(), "dora": DoRA()}
+
+
 class LoRALinear(AdapterLinear):
-    """A frozen linear layer plus a trainable low-rank update."""
+    """A frozen linear layer plus a trainable low-rank update, formed by a :class:`LoRAVariant`.
+
+    With ``qat=(format, block_size)`` the forward uses ``fake_quant(merged weight)`` (straight-through gradient),
+    the quantized merge that deployment will run; dropout then still acts on the adapter path only, through the
+    correction ``adapter_out(dropped(x)) - adapter_out(x)``, so the frozen base path never sees a mask.
+    """
 
     mergeable = True
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool, key: jax.Array,
-                 init: str = "default", dropout: float = 0.0, qat: tuple[str, int] | None = None):
+                 init: str = "default", dropout: float = 0.0, qat: tuple[str, int] | None = None,
+                 variant: LoRAVariant | str = "lora", index: int = 0):
         super().__init__(base)
+        self.variant = VARIANTS[variant] if isinstance(variant, str) else variant
         self.qat = qat
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.dropout = dropout
-        self.dropout_key = nnx.data(None)
+        self.index = index  # this layer's dropout stream: fold_in(step key, index)
         self.scale = lora_scale(rank, alpha, rslora)
-        if init == "gaussian":
-            a = jax.random.normal(key, (base.d_in, rank), jnp.float32) / rank
-        else:
-            bound = 1.0 / math.sqrt(base.d_in)
-            a = jax.random.uniform(key, (base.d_in, rank), jnp.float32, -bound, bound)
+        a = INITS["gaussian" if init == "gaussian" else "default"](key, base.d_in, rank)
         self.lora_a = LoRA(a)
         self.lora_b = LoRA(jnp.zeros((rank, base.d_out), jnp.float32))
+        self.variant.setup(self)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    @property
+    def dora(self) -> bool:
+        return isinstance(self.variant, DoRA)
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """``key``: this step's dropout key (None: no dropout, as in evaluation and generation)."""
         if self.bypass():
             return self.base(x)
-        if self.qat is not None:
-            return self.fake_quant_merged(x)
-        return self.base(x) + lora_delta(self.dropped(x), self.lora_a[...], self.lora_b[...], self.scale)
-
-    def fake_quant_merged(self, x: jax.Array) -> jax.Array:
+        adapter_x = self.dropped(x, key)
+        if self.qat is None:
+            return self.variant.forward(self, x, adapter_x)
         fmt, block_size = self.qat
-        w = fake_quant(self.base.kernel(jnp.float32) + self.delta_weight(), fmt, block_size=block_size)
-        y = self.dropped(x) @ w.astype(x.dtype)
+        w = fake_quant(self.variant.merged_weight(self, self.base.kernel(jnp.float32)), fmt, block_size=block_size)
+        y = x @ w.astype(x.dtype)
+        if adapter_x is not x:
+            y = y + self.variant.adapter_out(self, adapter_x) - self.variant.adapter_out(self, x)
         return y if self.base.bias is None else y + self.base.bias[...].astype(x.dtype)[None, :]
 
-    def dropped(self, x: jax.Array) -> jax.Array:
-        if not self.dropout or self.dropout_key is None:
+    def dropped(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        if not self.dropout or key is None:
             return x
-        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+        keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)
 
     def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
+        return self.variant.merge(self, w_DO)
 
     def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
+        return self.variant.unmerge(self, w_DO)
 
 
-class DoRALinear(LoRALinear):
-    """LoRA with a learned magnitude per output column: y = m * ((W + s A B) x) / ||W + s A B||."""
-
-    def __init__(self, base: Linear, **kwargs):
-        super().__init__(base, **kwargs)
-        self.magnitude = LoRA(column_norm(base.kernel(jnp.float32)))
-        self.merged_norm = nnx.data(None)  # ||W + s A B|| at merge time, which unmerge needs to undo the rescaling
-
-    def weight_norm(self) -> jax.Array:
-        w = self.base.kernel(jnp.float32) + self.delta_weight()
-        return jax.lax.stop_gradient(column_norm(w))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.bypass():
-            return self.base(x)
-        y = self.base(x)
-        bias = self.base.bias
-        if bias is not None:
-            y = y - bias[...].astype(x.dtype)[None, :]
-        factor = (self.magnitude[...] / self.weight_norm()).astype(x.dtype)
-        y = (y + lora_delta(self.dropped(x), self.lora_a[...], self.lora_b[...], self.scale)) * factor[None, :]
-        return y if bias is None else y + bias[...].astype(x.dtype)[None, :]
-
-    def merge_kernel(self, w_DO):
-        v = w_DO + self.delta_weight().astype(w_DO.dtype)
-        norm = column_norm(v)
-        self.merged_norm = nnx.Variable(norm)
-        return v * (self.magnitude[...] / norm).astype(w_DO.dtype)[None, :]
-
-    def unmerge_kernel(self, w_DO):
-        norm = self.merged_norm[...]
-        self.merged_norm = None
-        v = w_DO * (norm / self.magnitude[...]).astype(w_DO.dtype)[None, :]
-        return v - self.delta_weight().astype(w_DO.dtype)
+def kaiming_a(key, d_in: int, rank: int) -> jax.Array:
+    """Kaiming-uniform A (bound 1/sqrt(d_in)), as Hugging Face PEFT."""
+    bound = 1.0 / math.sqrt(d_in)
+    return jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound)
 
 
-def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
-    """Give every LoRA layer with dropout its own key derived from ``key`` (in place); ``None`` turns dropout off."""
-    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout]
-    for i, layer in enumerate(layers):
-        layer.dropout_key = None if key is None else jax.random.fold_in(key, i)
+def gaussian_a(key, d_in: int, rank: int) -> jax.Array:
+    return jax.random.normal(key, (d_in, rank), jnp.float32) / rank
+
+
+def pissa_init(layer: LoRALinear, config: "LoRAConfig") -> None:
+    """PiSSA: factors from the top-r SVD of W, the base replaced by the residual (requantized if quantized)."""
+    base = layer.base
+    w = base.kernel(jnp.float32)
+    a, b = svd_factors(w, layer.rank, layer.scale)
+    residual = w - lora_weight(a, b, layer.scale)
+    if isinstance(base.weight, Quantized):
+        base.weight = Quantized(requantize_like(residual, base.weight.get_value()))
+    else:
+        base.weight = nnx.Param(residual.astype(base.weight[...].dtype))
+    layer.lora_a.set_value(a)
+    layer.lora_b.set_value(b)
+
+
+def loftq_layer_init(layer: LoRALinear, config: "LoRAConfig") -> None:
+    """LoftQ: the base becomes quantize(W - s A B) with (A, B) fitted to what quantization loses."""
+    base = layer.base
+    if isinstance(base.weight, Quantized):
+        raise PeftjaxError("LoftQ needs the full-precision base: apply LoRA(init='loftq') before quantizing, "
+                           "it quantizes the base itself (loftq_format)")
+    from peftjax.quant.policy import QuantizedLinear, QuantRule
+
+    q, a, b = loftq_init(base.kernel(jnp.float32), layer.rank, layer.scale, config.loftq_format,
+                         config.loftq_block_size, config.loftq_iters)
+    quantized = QuantizedLinear(base, QuantRule(format=config.loftq_format, block_size=config.loftq_block_size))
+    quantized.weight = Quantized(q)
+    layer.base = quantized
+    layer.lora_a.set_value(a)
+    layer.lora_b.set_value(b)
+
+
+# A's random draw per init name; inits that derive the factors from W also rewrite the layer after it is built
+INITS = {"default": kaiming_a, "gaussian": gaussian_a, "pissa": kaiming_a, "loftq": kaiming_a}
+FROM_WEIGHTS = {"pissa": pissa_init, "loftq": loftq_layer_init}
 
 
 def pattern_value(path: str, pattern: dict | tuple, default):
@@ -210,66 +297,48 @@ def layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def initialise(layer: LoRALinear, config: LoRAConfig) -> None:
-    """PiSSA / LoftQ: factors from W, and the base replaced by what the factors do not capture."""
-    base = layer.base
-    w = base.kernel(jnp.float32)
-    if config.init == "pissa":
-        a, b = svd_factors(w, layer.rank, layer.scale)
-        residual = w - lora_weight(a, b, layer.scale)
-        if isinstance(base.weight, Quantized):
-            base.weight = Quantized(requantize_like(residual, base.weight.get_value()))
-        else:
-            base.weight = nnx.Param(residual.astype(base.weight[...].dtype))
-    else:  # loftq
-        if isinstance(base.weight, Quantized):
-            raise PeftjaxError("LoftQ needs the full-precision base: apply LoRA(init='loftq') before quantizing, "
-                               "it quantizes the base itself (loftq_format)")
-        from peftjax.quant.policy import QuantizedLinear, QuantSpec
-
-        q, a, b = loftq_init(w, layer.rank, layer.scale, config.loftq_format, config.loftq_block_size,
-                             config.loftq_iters)
-        quantized = QuantizedLinear(base, QuantSpec(format=config.loftq_format, block_size=config.loftq_block_size))
-        quantized.weight = Quantized(q)
-        layer.base = quantized
-    layer.lora_a.set_value(a)
-    layer.lora_b.set_value(b)
-
-
-def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
+def check_lora_config(config: "LoRAConfig") -> None:
     if not 0.0 <= config.dropout < 1.0:
         raise PeftjaxError(f"LoRA dropout must be in [0, 1), got {config.dropout}")
     if config.init not in INITS:
         raise PeftjaxError(f"unknown LoRA init {config.init!r}; choose one of {', '.join(INITS)}")
+    if config.rank < 1:
+        raise PeftjaxError(f"LoRA rank must be >= 1, got {config.rank}")
     if config.qat_format is not None:
         get_format(config.qat_format)  # unknown formats fail here, listing the known ones
-        if config.dora:
-            raise PeftjaxError("qat_format is supported for plain LoRA, not DoRA; set dora=false or qat_format=null")
-    linears = modules_of_type(model, Linear)
+    if config.layers_to_transform is not None and not isinstance(config.layers_to_transform, (tuple, list)):
+        raise PeftjaxError(f"layers_to_transform must be a list of layer indices, got {config.layers_to_transform!r}")
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
+    check_lora_config(config)
+    keep = None
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
-        linears = {p: m for p, m in linears.items() if layer_index(p) in wanted}
-        if not linears:
+        n_layers = len(getattr(model, "layers", []))
+        if not wanted & set(range(n_layers)):
             raise PeftjaxError(f"layers_to_transform {sorted(wanted)} selects no layer; the model has layers "
-                               f"0..{len(getattr(model, 'layers', [])) - 1}")
-    matched = match_rules(linears, as_patterns(config.targets), what="LoRA target")
-    keys = jax.random.split(jax.random.key(config.seed), max(len(matched), 1))
-    cls = DoRALinear if config.dora else LoRALinear
-    for key, path in zip(keys, matched):
-        base = linears[path]
+                               f"0..{n_layers - 1}")
+        keep = lambda path, _: layer_index(path) in wanted  # noqa: E731
+    linears = modules_of_type(model, Linear)
+    count = len(linears)
+    keys = iter(jax.random.split(jax.random.key(config.seed), max(count, 1)))
+    qat = None if config.qat_format is None else (config.qat_format, config.qat_block_size)
+    made = []
+
+    def make(path, base, _):
         rank = pattern_value(path, config.rank_pattern, config.rank)
         alpha = pattern_value(path, config.alpha_pattern, config.alpha)
-        if rank < 1:
-            raise PeftjaxError(f"LoRA rank must be >= 1, got {rank} for {path}")
-        if rank > min(base.d_in, base.d_out):
-            raise PeftjaxError(f"LoRA rank {rank} is larger than {path} allows "
-                               f"(min(d_in, d_out) = {min(base.d_in, base.d_out)}); choose rank <= that")
-        qat = None if config.qat_format is None else (config.qat_format, config.qat_block_size)
-        layer = cls(base, rank=rank, alpha=alpha, rslora=config.rslora, key=key, init=config.init,
-                    dropout=config.dropout, qat=qat)
-        if config.init in ("pissa", "loftq"):
-            initialise(layer, config)
-        set_at_path(model, path, layer)
+        check_rank(rank, base, path, what="LoRA")
+        layer = LoRALinear(base, rank=rank, alpha=alpha, rslora=config.rslora, key=next(keys), init=config.init,
+                           dropout=config.dropout, qat=qat, variant="dora" if config.dora else "lora",
+                           index=len(made))
+        if config.init in FROM_WEIGHTS:
+            FROM_WEIGHTS[config.init](layer, config)
+        made.append(layer)
+        return layer
+
+    replace_matching(model, Linear, config.targets, make, what="LoRA target", keep=keep)
 
 
 register_method("lora", LoRAConfig, apply_lora)

@@ -14,16 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
-from peftjax.peft.variables import Quantized
+from peftjax.variables import Quantized
 from peftjax.peft.wrapper import AdapterLinear, AdapterModule
 from peftjax.quant import dequantize, quantize
 from peftjax.rules import path_str
 
 
 def requantize_like(w, q):
-    """``w`` quantized with the format and grouping of the QArray ``q``."""
-    return quantize(w, q.fmt, block_size=q.block_size, axis=q.axis, double_quant=q.double_quant,
-                    asymmetric=q.asymmetric)
+    """``w`` quantized with the whole spec of the QArray ``q`` (format, grouping, double quantization)."""
+    return quantize(w, **q.spec)
 
 
 def _adapters(model: nnx.Module) -> dict[str, AdapterModule]:

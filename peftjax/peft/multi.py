@@ -20,9 +20,10 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.lora import LoRAConfig, LoRALinear, lora_delta, lora_weight, svd_factors
-from peftjax.peft.variables import LoRA
+from peftjax.variables import LoRA
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.rules import as_patterns, match_rules, path_str, set_at_path
+from peftjax.surgery import check_rank
 
 
 class LoRAFactors(nnx.Module):
@@ -47,7 +48,7 @@ class MultiLoRALinear(AdapterLinear):
     def names(self) -> list[str]:
         return list(self.adapters.keys())
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         y = self.base(x)
         if self.bypass():
             return y
@@ -88,7 +89,7 @@ def _multi_layers(model: nnx.Module) -> dict[str, MultiLoRALinear]:
 
 def _to_multi(model: nnx.Module) -> None:
     for p, m in list(nnx.iter_modules(model)):
-        if type(m) is LoRALinear:
+        if type(m) is LoRALinear and not m.dora and m.qat is None:
             set_at_path(model, path_str(p), MultiLoRALinear(
                 m.base, {"default": LoRAFactors(m.lora_a[...], m.lora_b[...], m.scale)}, "default"))
 
@@ -114,9 +115,7 @@ def add_adapter(model: nnx.Module, name: str, config: LoRAConfig) -> nnx.Module:
     keys = jax.random.split(jax.random.key(config.seed), max(len(matched), 1))
     for key, path in zip(keys, matched):
         base = linears[path]
-        if config.rank > min(base.d_in, base.d_out):
-            raise PeftjaxError(f"LoRA rank {config.rank} is larger than {path} allows "
-                               f"(min(d_in, d_out) = {min(base.d_in, base.d_out)}); choose rank <= that")
+        check_rank(config.rank, base, path, what="LoRA")
         fresh = LoRALinear(base, rank=config.rank, alpha=config.alpha, rslora=config.rslora, key=key, init=config.init)
         factors = LoRAFactors(fresh.lora_a[...], fresh.lora_b[...], fresh.scale)
         if path in multi:

@@ -18,9 +18,9 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Attention
 from peftjax.peft.registry import register_method
-from peftjax.peft.variables import Prefix
+from peftjax.variables import Prefix
 from peftjax.peft.wrapper import AdapterModule
-from peftjax.rules import as_patterns, match_rules, modules_of_type
+from peftjax.surgery import replace_matching
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,13 +76,14 @@ def apply_prefix(model: nnx.Module, config: PrefixConfig) -> None:
     if not 1 <= config.num_tokens < max_position:
         raise PeftjaxError(f"prefix num_tokens {config.num_tokens} must be in 1..{max_position - 1} "
                            f"(the context is {max_position} positions)")
-    attentions = modules_of_type(model, Attention)
-    matched = match_rules(attentions, as_patterns(config.targets), what="prefix target")
-    keys = jax.random.split(jax.random.key(config.seed), max(len(matched), 1))
-    for key, path in zip(keys, matched):
-        attn = attentions[path]
-        attn.prefix = PrefixKV(config.num_tokens, attn.num_kv_heads, attn.head_dim, key=key,
+    keys = iter(jax.random.split(jax.random.key(config.seed), max(len(model.layers), 1)))
+
+    def attach(path, attn, _):
+        attn.prefix = PrefixKV(config.num_tokens, attn.num_kv_heads, attn.head_dim, key=next(keys),
                                reparameterize=config.reparameterize, hidden=config.hidden)
+        return attn
+
+    replace_matching(model, Attention, config.targets, attach, what="prefix target")
 
 
-register_method("prefix", PrefixConfig, apply_prefix)
+register_method("prefix", PrefixConfig, apply_prefix, extra_positions=lambda c: (0, c.num_tokens))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.peft.registry import register_method
-from peftjax.peft.variables import Prompt
+from peftjax.variables import Prompt
 from peftjax.peft.wrapper import AdapterModule
 
 
@@ -60,4 +60,4 @@ def apply_prompt(model: nnx.Module, config: PromptConfig) -> None:
     model.prompt = PromptEmbedding(init)
 
 
-register_method("prompt", PromptConfig, apply_prompt)
+register_method("prompt", PromptConfig, apply_prompt, extra_positions=lambda c: (c.num_tokens, 0))

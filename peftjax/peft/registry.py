@@ -1,7 +1,19 @@
-"""The method registry: ``register_method(name, config_cls, apply_fn)`` and ``apply(model, config)``.
+"""The method registry: ``register_method(name, config_cls, apply_fn, ...)`` and ``apply(model, config)``.
 
 A PEFT method is a frozen keyword-only config dataclass, an ``apply_fn(model, config) -> None`` that performs the
 surgery in place on a model it is handed (``apply`` clones first, so callers always get a new model), and a name.
+The config dataclass *is* the method's schema: the YAML ``peft:`` section of a run is dispatched on ``method`` to it,
+so every field is settable from YAML, ``--set peft.FIELD=...`` and sweeps, with the dataclass's own defaults.
+
+What the rest of the framework needs to know about a method is said here, as hooks of its registration, never as a
+test of its name elsewhere:
+
+- ``trains_base``: the method makes base weights trainable (full / selective fine-tuning): gradients and optimizer
+  state then scale with the model, and memory estimates count those weights as trained;
+- ``describe(config) -> dict``: the method's fields a run summary shows (default: ``rank`` if it has one);
+- ``identity(config) -> dict``: what a checkpoint of this method must match to be restored (default: every field);
+- ``extra_positions(config) -> (virtual_tokens, prefix_tokens)``: sequence positions the method adds (prompt
+  tuning prepends inputs, prefix tuning extra keys), for activation-memory estimates (default: none).
 """
 from __future__ import annotations
 
@@ -13,20 +25,52 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 
 
+def _default_describe(config) -> dict:
+    return {"rank": config.rank} if hasattr(config, "rank") else {}
+
+
+def config_fields(config) -> dict:
+    """The config's fields as plain YAML-able values (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _no_positions(config) -> tuple[int, int]:
+    return 0, 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     config_cls: type
     apply_fn: Callable[[nnx.Module, object], None]
+    trains_base: bool = False
+    describe: Callable[[object], dict] = _default_describe
+    identity: Callable[[object], dict] = config_fields
+    extra_positions: Callable[[object], tuple[int, int]] = _no_positions
+
+    def field_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_cls)]
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_cls: type, apply_fn: Callable[[nnx.Module, object], None]) -> None:
+def register_method(name: str, config_cls: type, apply_fn: Callable[[nnx.Module, object], None], *,
+                    trains_base: bool = False, describe: Callable | None = None, identity: Callable | None = None,
+                    extra_positions: Callable | None = None) -> None:
+    """Register a PEFT method (see the module docstring for the hooks). One config class names one method."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
-    _METHODS[name] = Method(name, config_cls, apply_fn)
+    hooks = {k: v for k, v in (("describe", describe), ("identity", identity),
+                               ("extra_positions", extra_positions)) if v is not None}
+    _METHODS[name] = Method(name, config_cls, apply_fn, trains_base, **hooks)
 
 
 def registered_methods() -> list[str]:
@@ -49,12 +93,12 @@ def method_for_config(config) -> Method:
 
 def make_config(name: str, **kwargs):
     """The config dataclass of method ``name`` built from keyword arguments (unknown keys are an error)."""
-    cls = get_method(name).config_cls
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - fields)
+    method = get_method(name)
+    unknown = sorted(set(kwargs) - set(method.field_names()))
     if unknown:
-        raise PeftjaxError(f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(fields))}")
-    return cls(**kwargs)
+        raise PeftjaxError(f"method {name!r} has no option {unknown[0]!r}; its options: "
+                           f"{', '.join(method.field_names())}")
+    return method.config_cls(**kwargs)
 
 
 def apply(model: nnx.Module, config) -> nnx.Module:

@@ -12,7 +12,7 @@ from collections import defaultdict
 import jax
 from flax import nnx
 
-from peftjax.peft.variables import Trainable
+from peftjax.variables import Trainable
 from peftjax.quant import QArray
 
 _LAYER = re.compile(r"(^|\.)(\d+)(?=\.)")

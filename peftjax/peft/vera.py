@@ -18,10 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.errors import PeftjaxError
-from peftjax.models.llama import Linear
-from peftjax.peft import Adapter, AdapterLinear, register_method
-from peftjax.rules import as_patterns, match_rules, modules_of_type, set_at_path
+from peftjax.models import Linear
+from peftjax.peft import Adapter, AdapterLinear, check_rank, modules_of_type, register_method, replace_matching
 
 
 class VeRA(Adapter):
@@ -56,7 +54,7 @@ class VeRALinear(AdapterLinear):
         self.vera_d = VeRA(jnp.full((a_DR.shape[1],), d_init, jnp.float32))
         self.vera_b = VeRA(jnp.zeros((base.d_out,), jnp.float32))
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         y = self.base(x)
         if self.bypass():
             return y
@@ -73,19 +71,18 @@ class VeRALinear(AdapterLinear):
 
 
 def apply_vera(model: nnx.Module, config: VeRAConfig) -> None:
-    linears = modules_of_type(model, Linear)
-    matched = match_rules(linears, as_patterns(config.targets), what="VeRA target")
-    d_in = max(linears[p].d_in for p in matched)
-    d_out = max(linears[p].d_out for p in matched)
-    for path in matched:
-        if config.rank > min(linears[path].d_in, linears[path].d_out):
-            raise PeftjaxError(f"VeRA rank {config.rank} is larger than {path} allows (min(d_in, d_out) = "
-                               f"{min(linears[path].d_in, linears[path].d_out)}); choose rank <= that")
+    # the shared projections are as large as the largest layer they serve: every linear layer's sizes bound them
+    linears = modules_of_type(model, Linear).values()
+    d_in, d_out = max(m.d_in for m in linears), max(m.d_out for m in linears)
     ka, kb = jax.random.split(jax.random.key(config.seed))
     a = jax.random.uniform(ka, (d_in, config.rank), jnp.float32, -1, 1) / math.sqrt(d_in)  # Kaiming-uniform
     b = jax.random.uniform(kb, (config.rank, d_out), jnp.float32, -1, 1) / math.sqrt(config.rank)
-    for path in matched:
-        set_at_path(model, path, VeRALinear(linears[path], a, b, config.d_init))
+
+    def make(path, base, _):
+        check_rank(config.rank, base, path, what="VeRA")
+        return VeRALinear(base, a, b, config.d_init)
+
+    replace_matching(model, Linear, config.targets, make, what="VeRA target")
 
 
 register_method("vera", VeRAConfig, apply_vera)

@@ -46,25 +46,29 @@ LUT_BINS = 65536
 class DoubleQuantScales:
     """Block scales stored double-quantized: ``scales ≈ dynamic8[codes] * absmax[block of 256] + offset``.
 
-    Leaves: ``codes`` uint8 (m,), one per scale; ``absmax`` float32 (ceil(m / 256),); ``offset`` float32 ().
+    Leaves: ``codes`` uint8 (m,), one per scale; ``absmax`` float32 (ceil(m / block_size),); ``offset`` float32 ().
+    Static: ``block_size``, the scales sharing one absmax (bitsandbytes: 256).
     """
 
     codes: jax.Array
     absmax: jax.Array
     offset: jax.Array
+    block_size: int = DQ_BLOCK_SIZE
 
 
-jax.tree_util.register_dataclass(DoubleQuantScales, data_fields=["codes", "absmax", "offset"], meta_fields=[])
+jax.tree_util.register_dataclass(DoubleQuantScales, data_fields=["codes", "absmax", "offset"],
+                                 meta_fields=["block_size"])
 
 
-def double_quantize(scales: jax.Array) -> DoubleQuantScales:
-    """Double-quantize float32 block scales (m,)."""
+def double_quantize(scales: jax.Array, block_size: int = DQ_BLOCK_SIZE) -> DoubleQuantScales:
+    """Double-quantize float32 block scales (m,) in blocks of ``block_size`` scales."""
     offset = cascade_mean(scales)
     # the float32 sum overflows only for scales near the float32 maximum, where summing pre-scaled values cannot
     offset = jnp.where(jnp.isfinite(offset), offset, jnp.sum(scales * (1 / scales.size)))
-    centred_ABC = to_groups(scales - offset, group_shape(scales.shape, DQ_BLOCK_SIZE, None))
+    centred_ABC = to_groups(scales - offset, group_shape(scales.shape, block_size, None))
     codes_ABC, absmax = binned_encode(centred_ABC)
-    return DoubleQuantScales(codes=codes_ABC.reshape(-1)[: scales.size], absmax=absmax, offset=offset)
+    return DoubleQuantScales(codes=codes_ABC.reshape(-1)[: scales.size], absmax=absmax, offset=offset,
+                             block_size=block_size)
 
 
 def _sequential_sum(x: jax.Array, axis: int) -> jax.Array:
@@ -135,6 +139,6 @@ def binned_encode(x_ABC: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def dequantize_scales(dq: DoubleQuantScales) -> jax.Array:
     """The float32 block scales (m,) that ``dq`` stands for."""
-    groups = group_shape(dq.codes.shape, DQ_BLOCK_SIZE, None)
+    groups = group_shape(dq.codes.shape, dq.block_size, None)
     centred_ABC = absmax_decode(to_groups(dq.codes, groups), dq.absmax, get_format(DQ_FORMAT))
     return from_groups(centred_ABC, dq.codes.shape) + dq.offset

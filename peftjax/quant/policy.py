@@ -1,11 +1,11 @@
 """Post-training quantization of a model's linear layers by policy: ordered regex rules -> format.
 
-Each rule names module paths (see :mod:`peftjax.rules`) and a quantization spec; the first matching rule wins and
+Each :class:`QuantRule` names module paths (see :mod:`peftjax.rules`) and a quantization spec; the first matching rule wins and
 unmatched modules stay in high precision. Only linear layers are candidates, so embeddings, norms and the tied
 output head stay in full precision unless a future rule type says otherwise.
 
 A quantized layer stores its weight as a :class:`~peftjax.quant.QArray` inside a frozen
-:class:`~peftjax.peft.variables.Quantized` variable and dequantizes it inside the traced matmul, where XLA fuses
+:class:`~peftjax.variables.Quantized` variable and dequantizes it inside the traced matmul, where XLA fuses
 the unpacking into the computation that consumes it (QLoRA's storage/compute split). Like bitsandbytes'
 4-bit matmul, the backward pass dequantizes the weight again instead of keeping the dense copy alive between
 forward and backward: only the packed codes are saved, so activation memory does not grow by a dense base.
@@ -20,19 +20,32 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models.llama import Linear
-from peftjax.peft.variables import Quantized
+from peftjax.variables import Quantized
 from peftjax.quant import dequantize, fake_quant, quantize
-from peftjax.rules import as_patterns, match_rules, modules_of_type, set_at_path
+from peftjax.rules import as_patterns, modules_of_type
+from peftjax.surgery import replace_matching
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantSpec:
-    """One policy rule: which modules, and how to store their weights."""
+class QuantRule:
+    """One policy rule: which linear layers (ordered regexes on module paths, first matching rule wins), and how to
+    store their weights. ``axis`` keeps one scale per index of that axis of the (d_in, d_out) weight (``axis=1``:
+    per output channel, as LLM.int8() row-wise absmax) instead of blocks of ``block_size``; ``double_quant``
+    quantizes the scales again in blocks of ``dq_block_size`` (QLoRA)."""
 
     targets: str | tuple[str, ...] = "all-linear"
     format: str = "nf4"
     block_size: int | None = 64
+    axis: int | None = None
+    asymmetric: bool = False
     double_quant: bool = False
+    dq_block_size: int = 256
+
+    def quantize_kwargs(self) -> dict:
+        """The keyword arguments of :func:`peftjax.quant.quantize` this rule stands for."""
+        return {"fmt": self.format, "block_size": self.block_size, "axis": self.axis,
+                "asymmetric": self.asymmetric, "double_quant": self.double_quant,
+                "dq_block_size": self.dq_block_size}
 
 
 def _after(q, x):
@@ -79,42 +92,53 @@ quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 
 class QuantizedLinear(Linear):
-    """A linear layer whose frozen weight is stored quantized and dequantized on the fly."""
+    """A linear layer whose frozen weight is stored quantized and dequantized on the fly; ``rule`` is the index of
+    the policy rule that quantized it (for per-rule reports)."""
 
-    def __init__(self, base: Linear, spec: QuantSpec, *, name: str = "weight"):
+    def __init__(self, base: Linear, rule: QuantRule, *, name: str = "weight", rule_index: int = 0):
         self.d_in, self.d_out = base.d_in, base.d_out
-        self.format = spec.format
-        self.weight = Quantized(quantize(base.weight[...], spec.format, block_size=spec.block_size,
-                                         double_quant=spec.double_quant, name=name))
+        self.format = rule.format
+        self.rule = rule_index
+        self.weight = Quantized(quantize(base.weight[...], name=name, **rule.quantize_kwargs()))
         self.bias = base.bias
 
     def kernel(self, dtype) -> jax.Array:
         return dequantize(self.weight.get_value(), dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         y = quantized_matmul(x, self.weight.get_value())
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)[None, :]
         return y
 
 
-def quantize_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
+def quantize_model(model: nnx.Module, rules: list[QuantRule]) -> nnx.Module:
     """A new model whose linear layers matched by ``rules`` are quantized (first matching rule wins)."""
-    return _replace_linears(model, rules, lambda base, spec, name: QuantizedLinear(base, spec, name=name))
+    return _replace_linears(model, rules, lambda base, rule, path, i: QuantizedLinear(base, rule, name=path,
+                                                                                      rule_index=i))
 
 
-def _replace_linears(model: nnx.Module, rules: list[QuantSpec], make) -> nnx.Module:
+def _replace_linears(model: nnx.Module, rules: list[QuantRule], make) -> nnx.Module:
     model = nnx.clone(model)
-    linears = {p: m for p, m in modules_of_type(model, Linear).items() if not isinstance(m, QuantizedLinear)}
     patterns, owners = [], []
     for i, rule in enumerate(rules):
         for pattern in as_patterns(rule.targets):
             patterns.append(pattern)
             owners.append(i)
-    matched = match_rules(linears, patterns, what="quantization")
-    for path, k in matched.items():
-        set_at_path(model, path, make(linears[path], rules[owners[k]], path))
+    replace_matching(model, Linear, patterns,
+                     lambda path, base, k: make(base, rules[owners[k]], path, owners[k]), what="quantization",
+                     keep=lambda _, m: not isinstance(m, (QuantizedLinear, FakeQuantLinear)))
     return model
+
+
+def rule_bits(model_or_state) -> list[dict]:
+    """Per rule of the policy that quantized ``model``: layers, parameters and exact storage bits per parameter."""
+    found: dict[int, list] = {}
+    for _, module in modules_of_type(model_or_state, QuantizedLinear).items():
+        found.setdefault(module.rule, []).append(module.weight.get_value())
+    return [{"rule": i, "format": qs[0].fmt, "layers": len(qs), "params": sum(q.size for q in qs),
+             "bits_per_param": 8.0 * sum(q.nbytes for q in qs) / sum(q.size for q in qs)}
+            for i, qs in sorted(found.items())]
 
 
 class FakeQuantLinear(Linear):
@@ -125,17 +149,17 @@ class FakeQuantLinear(Linear):
     quantizes it like any linear layer (``isinstance(FakeQuantLinear(...), Linear)``).
     """
 
-    def __init__(self, base: Linear, spec: QuantSpec):
+    def __init__(self, base: Linear, rule: QuantRule):
         self.d_in, self.d_out = base.d_in, base.d_out
-        self.spec = spec
+        self.rule = rule
         self.weight, self.bias = base.weight, base.bias
 
     def kernel(self, dtype) -> jax.Array:
-        w = fake_quant(self.weight[...].astype(jnp.float32), self.spec.format, block_size=self.spec.block_size,
-                       double_quant=self.spec.double_quant)
+        kwargs = self.rule.quantize_kwargs()
+        w = fake_quant(self.weight[...].astype(jnp.float32), kwargs.pop("fmt"), **kwargs)
         return w.astype(dtype)
 
 
-def qat_model(model: nnx.Module, rules: list[QuantSpec]) -> nnx.Module:
+def qat_model(model: nnx.Module, rules: list[QuantRule]) -> nnx.Module:
     """A new model whose matched linear layers train against their fake-quantized weights."""
-    return _replace_linears(model, rules, lambda base, spec, name: FakeQuantLinear(base, spec))
+    return _replace_linears(model, rules, lambda base, rule, path, i: FakeQuantLinear(base, rule))

@@ -29,7 +29,7 @@ from peftjax.quant.blockwise import (
     group_shape,
     to_groups,
 )
-from peftjax.quant.double_quant import DoubleQuantScales, dequantize_scales, double_quantize
+from peftjax.quant.double_quant import DQ_BLOCK_SIZE, DoubleQuantScales, dequantize_scales, double_quantize
 from peftjax.quant.formats import Format, IntFormat, get_format
 from peftjax.quant.pack import pack_bits, unpack_bits
 
@@ -99,6 +99,14 @@ class QArray:
         return self.zero_points is not None
 
     @property
+    def spec(self) -> dict:
+        """The keyword arguments of :func:`quantize` that made this array: ``quantize(w, **q.spec)`` quantizes
+        another tensor the same way (after a merge, say)."""
+        return {"fmt": self.fmt, "block_size": self.block_size, "axis": self.axis, "double_quant": self.double_quant,
+                "asymmetric": self.asymmetric,
+                "dq_block_size": self.scales.block_size if self.double_quant else DQ_BLOCK_SIZE}
+
+    @property
     def groups(self) -> tuple[int, int, int]:
         """The (A, B, C) view of :func:`peftjax.quant.blockwise.group_shape`."""
         return group_shape(self.shape, self.block_size, self.axis)
@@ -118,14 +126,15 @@ jax.tree_util.register_dataclass(
 
 
 def quantize(x, fmt: str, *, block_size: int | None = 64, axis: int | None = None, double_quant: bool = False,
-             asymmetric: bool = False, name: str | None = None) -> QArray:
+             asymmetric: bool = False, dq_block_size: int = DQ_BLOCK_SIZE, name: str | None = None) -> QArray:
     """Quantize floating-point ``x`` to the format ``fmt`` (see :data:`peftjax.quant.FORMATS`).
 
     Groups sharing a scale: blocks of ``block_size`` elements over the flattened row-major array (the default, as
     bitsandbytes); the whole tensor when ``block_size=None``; one group per index of ``axis`` when ``axis`` is given
     (the scale then covers all other axes and ``block_size`` is not used; e.g. ``axis=-1`` on a (d_in, d_out)
     weight gives one scale per output channel). ``double_quant`` quantizes the scales again (QLoRA);
-    ``asymmetric`` uses min/max with a zero point (integer formats only). ``name`` names the tensor in errors.
+    ``asymmetric`` uses min/max with a zero point (integer formats only); ``dq_block_size`` is the number of scales
+    sharing one second-level absmax (256 in bitsandbytes). ``name`` names the tensor in errors.
 
     Works under ``jax.jit`` with the keyword arguments static. Concrete inputs are checked for NaN and inf.
     """
@@ -144,6 +153,8 @@ def quantize(x, fmt: str, *, block_size: int | None = 64, axis: int | None = Non
             raise PeftjaxError(f"{label}: axis={axis!r} is out of range for a tensor of shape {x.shape}; "
                                f"use an integer in [{-x.ndim}, {x.ndim})")
         axis, block_size = axis % x.ndim, None
+    if double_quant and (isinstance(dq_block_size, bool) or not isinstance(dq_block_size, int) or dq_block_size <= 0):
+        raise PeftjaxError(f"{label}: dq_block_size must be a positive integer, got {dq_block_size!r}")
     if asymmetric and not isinstance(spec, IntFormat):
         raise PeftjaxError(f"{label}: asymmetric=True needs an integer format (int2..int8), got {fmt!r}; drop "
                            "asymmetric or pick an int format")
@@ -153,11 +164,12 @@ def quantize(x, fmt: str, *, block_size: int | None = 64, axis: int | None = Non
             raise PeftjaxError(f"{label}: weight contains NaN or inf ({bad} of {x.size} values); quantize finite "
                                "values only (fix the checkpoint or clean the tensor first)")
     return _quantize(x, fmt=fmt, block_size=block_size, axis=axis, double_quant=bool(double_quant),
-                     asymmetric=bool(asymmetric))
+                     asymmetric=bool(asymmetric), dq_block_size=dq_block_size)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "axis", "double_quant", "asymmetric"))
-def _quantize(x, *, fmt, block_size, axis, double_quant, asymmetric) -> QArray:
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "axis", "double_quant", "asymmetric",
+                                             "dq_block_size"))
+def _quantize(x, *, fmt, block_size, axis, double_quant, asymmetric, dq_block_size) -> QArray:
     spec = get_format(fmt)
     groups = group_shape(x.shape, block_size, axis)
     x_ABC = to_groups(x.astype(jnp.float32), groups)
@@ -167,7 +179,7 @@ def _quantize(x, *, fmt, block_size, axis, double_quant, asymmetric) -> QArray:
         (codes_ABC, scales), zero_points = absmax_encode(x_ABC, spec), None
     return QArray(
         codes=pack_bits(codes_ABC.reshape(-1)[: x.size], spec.bits),
-        scales=double_quantize(scales) if double_quant else scales,
+        scales=double_quantize(scales, dq_block_size) if double_quant else scales,
         zero_points=zero_points,
         fmt=fmt, block_size=block_size, axis=axis, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
         padding=math.prod(groups) - x.size,

@@ -20,17 +20,17 @@ from peftjax import partition
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.quant import dequantize, known_formats
-from peftjax.quant.policy import QuantizedLinear, QuantSpec, quantize_model
+from peftjax.quant.policy import QuantizedLinear, QuantRule, quantize_model
 from peftjax.rules import modules_of_type
 
 
-def parse_format_spec(text: str, block_size: int | None) -> QuantSpec:
+def parse_format_spec(text: str, block_size: int | None) -> QuantRule:
     """``"nf4"`` -> NF4 blockwise; a ``-dq`` suffix adds double quantization of the scales."""
     fmt, dq = (text[:-3], True) if text.endswith("-dq") else (text, False)
     if fmt not in known_formats():
         raise PeftjaxError(f"unknown quantization format {text!r}; known formats: {', '.join(known_formats())} "
                            "(add -dq for double quantization)")
-    return QuantSpec(format=fmt, block_size=block_size, double_quant=dq)
+    return QuantRule(format=fmt, block_size=block_size, double_quant=dq)
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ def eval_loss(model, blocks: np.ndarray, batch_size: int) -> float:
     return evaluate(make_eval_fn(graphdef), trainable, frozen, rows, batch_size)["eval_loss"]
 
 
-def quant_report(model, eval_blocks: np.ndarray, specs: list[tuple[str, QuantSpec]], *,
+def quant_report(model, eval_blocks: np.ndarray, specs: list[tuple[str, QuantRule]], *,
                  batch_size: int = 8) -> tuple[list[dict], dict[str, list[LayerError]]]:
     """One summary row per format (plus the float baseline first) and the per-layer errors of each format."""
     dense_layers = modules_of_type(model, Linear)

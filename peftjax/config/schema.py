@@ -1,5 +1,8 @@
 """Typed run configuration: dataclasses loaded from YAML, dotted ``--set a.b=value`` overrides, validation.
 
+The ``peft:`` section is the registered method's own config dataclass (dispatched on ``peft.method``), so a new
+method's every option is settable from YAML, ``--set`` and sweeps with no change here; ``quant:`` is an ordered
+list of :class:`~peftjax.quant.policy.QuantRule`; ``preset:`` names settings from :mod:`peftjax.config.presets`.
 Unknown keys are errors that name the key and suggest the nearest valid one; values are type-checked before any
 work starts. ``to_dict(config)`` gives the resolved config that a run directory records.
 """
@@ -14,7 +17,12 @@ from typing import Any
 
 import yaml
 
+from peftjax.config.presets import get_preset
 from peftjax.errors import PeftjaxError
+from peftjax.peft import LoRAConfig, config_fields, get_method, method_for_config
+from peftjax.quant import get_format
+from peftjax.quant.policy import QuantRule
+from peftjax.variables import trainable_groups
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -26,32 +34,24 @@ class ModelConfig:
     remat: bool = False  # activation checkpointing: recompute activations in the backward pass (saves memory)
 
 
-@dataclasses.dataclass(kw_only=True)
-class PeftConfig:
-    method: str = "lora"  # a registered method: lora, dora (lora + dora: true), ia3, prefix, prompt, vera, full, ...
-    rank: int = 8
-    alpha: float = 16.0
-    targets: str | list[str] | None = None  # None: the method's default (LoRA: all-linear, IA3: k/v/down, ...)
-    rslora: bool = False
-    dropout: float = 0.0  # LoRA dropout on the adapter input; its key per step is fold_in(seed, step)
-    dora: bool = False  # LoRA: DoRA magnitude vector
-    init: str | None = None  # LoRA: default, gaussian, pissa, loftq
-    qat_format: str | None = None  # LoRA: train against fake_quant(W + sAB) in this format
-    num_tokens: int | None = None  # prefix / prompt length
-    reparameterize: bool | None = None  # prefix: MLP reparameterisation during training
-
-
 # the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token
 POLARITY = {"labels": ["neg", "pos"], "label_words": [" negative", " positive"],
             "template": "Review: {text}\nSentiment:"}
 
 
-@dataclasses.dataclass(kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
-    format: str | None = None  # None keeps the base in param_dtype; "nf4" with LoRA is QLoRA
-    block_size: int | None = 64
-    double_quant: bool = False
-    targets: str | list[str] = "all-linear"
+    """The base's quantization policy: ordered rules, first match wins; layers no rule matches stay in
+    ``model.param_dtype``. YAML: a list of rules, or one rule's fields as a mapping (``quant: {format: nf4}``, so
+    that ``--set quant.format=nf4`` and sweeps over ``quant.format`` work); ``format: null`` means no rule."""
+
+    rules: tuple[QuantRule, ...] = ()
+
+    def describe(self) -> tuple[str | None, bool | None]:
+        """(format label, double quantization) for summaries: ``nf4``, ``int8+nf4`` for several rules."""
+        if not self.rules:
+            return None, None
+        return "+".join(dict.fromkeys(r.format for r in self.rules)), any(r.double_quant for r in self.rules)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -100,12 +100,22 @@ DATASETS = {"shakespeare": "lm", "polarity": "classify", "files": None}  # built
 
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
+    """A run. ``peft`` is the registered method's own config dataclass (the YAML ``peft:`` section is dispatched on
+    its ``method`` key); ``preset`` names a :mod:`preset <peftjax.config.presets>` whose settings the file's own
+    values override."""
+
     name: str = "run"
+    preset: str | None = None
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    peft: Any = dataclasses.field(default_factory=LoRAConfig)
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @property
+    def method(self) -> str:
+        """The registered name of the PEFT method."""
+        return method_for_config(self.peft).name
 
 
 def _type_ok(value: Any, tp) -> bool:
@@ -122,11 +132,32 @@ def _type_ok(value: Any, tp) -> bool:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_type_ok, value, args))
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
+
+
+def _wants_tuple(tp) -> bool:
+    if typing.get_origin(tp) is tuple or tp is tuple:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(map(_wants_tuple, typing.get_args(tp)))
+
+
+def _coerce(value: Any, tp) -> Any:
+    """YAML has no tuples: a list is taken where the key wants a tuple (``targets: [q_proj, v_proj]``)."""
+    value = _coerce_float(value, tp)
+    if isinstance(value, list) and _wants_tuple(tp):
+        inner = next((typing.get_args(t) for t in (tp, *typing.get_args(tp))
+                      if typing.get_origin(t) is tuple), ())
+        return tuple(_coerce(v, inner[0]) if inner else v for v in value)
+    return value
 
 
 def _coerce_float(value: Any, tp) -> Any:
@@ -146,7 +177,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, *, owner: str | None = None):
+    """``cls(**data)`` with every key checked: unknown keys name the nearest valid one (or, for a method's config,
+    ``owner``'s fields), values are type-checked and lists become tuples where the field wants one."""
     if not isinstance(data, dict):
         raise PeftjaxError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -155,10 +188,12 @@ def _build(cls, data: dict, prefix: str):
     for key, value in data.items():
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(fields)}"
-            raise PeftjaxError(f"unknown config key {prefix}{key}{hint}")
+            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+            where = f" for method {owner!r}" if owner else ""
+            raise PeftjaxError(f"unknown config key {prefix}{key}{where}{hint}; "
+                               f"{owner + chr(39) + 's fields' if owner else 'valid keys'}: {', '.join(fields)}")
         tp = hints[key]
-        value = _coerce_float(value, tp)
+        value = _coerce(value, tp)
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
             continue
@@ -166,6 +201,37 @@ def _build(cls, data: dict, prefix: str):
             raise PeftjaxError(f"config key {prefix}{key} must be {_type_name(tp)}, got {value!r}")
         kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
+
+
+def build_method_config(section: dict | None, *, seed: int = 0):
+    """The registered method's config dataclass from a ``peft:`` mapping: ``method`` (default ``lora``) picks the
+    dataclass, every other key is one of its fields, its own defaults fill the rest. A method config with a
+    ``seed`` field and no ``peft.seed`` takes ``train.seed``."""
+    section = dict(section or {})
+    if not isinstance(section.get("method", "lora"), str):
+        raise PeftjaxError(f"peft.method must be a method name, got {section['method']!r}")
+    method = get_method(section.pop("method", "lora"))
+    if "seed" in method.field_names():
+        section.setdefault("seed", seed)
+    return _build(method.config_cls, section, "peft.", owner=method.name)
+
+
+def build_quant_config(section) -> QuantConfig:
+    """A :class:`QuantConfig` from the YAML forms: null, a list of rules, ``{rules: [...]}`` or one rule's fields."""
+    if section is None or section == {}:
+        return QuantConfig()
+    if isinstance(section, dict) and "rules" in section:
+        if set(section) != {"rules"}:
+            extra = sorted(set(section) - {"rules"})[0]
+            raise PeftjaxError(f"quant.{extra}: with quant.rules, every setting belongs to a rule")
+        section = section["rules"]
+    if isinstance(section, dict):
+        if section.get("format", "nf4") is None:  # the shorthand's "no quantization"
+            return QuantConfig()
+        return QuantConfig(rules=(_build(QuantRule, section, "quant."),))
+    if not isinstance(section, list):
+        raise PeftjaxError(f"quant must be a list of rules or a mapping, got {section!r}")
+    return QuantConfig(rules=tuple(_build(QuantRule, rule, f"quant.{i}.") for i, rule in enumerate(section)))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -202,6 +268,14 @@ def load_dict(path: str | Path) -> dict:
     return data
 
 
+def _deep_merge(under: dict, over: dict) -> dict:
+    """``over``'s values win; mappings merge key by key."""
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     import copy
 
@@ -209,20 +283,28 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunCon
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    config = _build(RunConfig, data, "")
+    if not isinstance(data, dict):
+        raise PeftjaxError(f"a run config must be a mapping of sections, got {data!r}")
+    preset = data.get("preset")
+    if preset is not None:
+        data = _deep_merge(get_preset(preset).config, data)
+    sections = {"name", "preset", "model", "peft", "quant", "data", "train"}
+    unknown = sorted(set(data) - sections)
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), sections, n=1)
+        hint = f"; did you mean {near[0]}?" if near else f"; valid keys: {', '.join(sorted(sections))}"
+        raise PeftjaxError(f"unknown config key {unknown[0]}{hint}")
+    config = _build(RunConfig, {k: v for k, v in data.items() if k in ("name", "preset", "model", "data", "train")},
+                    "")
+    config.peft = build_method_config(data.get("peft"), seed=config.train.seed)
+    config.quant = build_quant_config(data.get("quant"))
     validate(config)
     return config
 
 
 def validate(config: RunConfig) -> None:
     """Checks that need more than types; every failure names the key."""
-    from peftjax.peft import registered_methods
-
     checks = [
-        (config.peft.method in registered_methods(),
-         f"peft.method {config.peft.method!r} is unknown; registered methods: {', '.join(registered_methods())}"),
-        (config.peft.rank >= 1, f"peft.rank must be >= 1, got {config.peft.rank}"),
-        (0.0 <= config.peft.dropout < 1.0, f"peft.dropout must be in [0, 1), got {config.peft.dropout}"),
         (config.data.seq_len >= 2, f"data.seq_len must be >= 2, got {config.data.seq_len}"),
         (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
         (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),
@@ -249,8 +331,6 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PeftjaxError(message)
-    from peftjax.train import trainable_groups
-
     groups = trainable_groups()
     for name in config.train.group_learning_rates:
         if name not in groups:
@@ -260,7 +340,13 @@ def validate(config: RunConfig) -> None:
     for f in config.data.files:
         if not Path(f).exists():
             raise PeftjaxError(f"data file {f} not found (data.files)")
+    for i, rule in enumerate(config.quant.rules):
+        get_format(rule.format, label=f"quant rule {i} format")
 
 
 def to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The resolved config as plain YAML-able data (what a run directory records; ``from_dict`` reads it back)."""
+    return {"name": config.name, "preset": config.preset, "model": dataclasses.asdict(config.model),
+           "peft": {"method": config.method, **config_fields(config.peft)},
+           "quant": [config_fields(rule) for rule in config.quant.rules],
+           "data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train)}

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from peftjax.errors import PeftjaxError
-from peftjax.report import GIB, MIB, group_key, load_results, markdown_table, method_label, without_seed
+from peftjax.config import label as method_label
+from peftjax.studies.report import GIB, MIB, group_key, load_results, markdown_table, without_seed
 
 TABLES: dict[str, Callable] = {}
 

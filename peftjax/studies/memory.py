@@ -51,8 +51,19 @@ ARCHITECTURES: dict[str, tuple[LlamaConfig, bool]] = {
 }
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# ``--method`` shorthands on top of the registered methods
-SHORTHANDS = {"qlora": dict(method="lora", quant="nf4", double_quant=True), "dora": dict(method="lora", dora=True)}
+
+
+def method_run_config(method: str, *, model: str = "tiny", **peft_options):
+    """The run config of a ``--method`` value (a preset or a registered method, :mod:`peftjax.config.presets`),
+    with ``peft_options`` applied where the method has such a field (``rank`` means nothing to IA3) and None
+    options left at the method's defaults."""
+    from peftjax.config import from_dict, get_preset
+    from peftjax.peft import get_method
+
+    preset = get_preset(method)
+    fields = get_method(preset.config["peft"]["method"]).field_names()
+    peft = {k: v for k, v in peft_options.items() if v is not None and k in fields}
+    return from_dict({"preset": method, "model": {"name": model}, "peft": peft})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,34 +83,22 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
 
 
-def expand_method(method: str, quant: str | None = None, double_quant: bool = False):
-    """(registered method, quant format, double_quant, extra peft keys) of a ``--method`` value or shorthand."""
-    options = dict(SHORTHANDS.get(method, {"method": method}))
-    return (options.pop("method"), options.pop("quant", quant), options.pop("double_quant", double_quant),
-            options)
-
-
 def architecture(name: str) -> tuple[LlamaConfig, bool]:
     if name not in ARCHITECTURES:
         raise PeftjaxError(f"unknown model {name!r} for the memory estimate; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 
 
-def _abstract_split(arch: LlamaConfig, num_layers: int, method_cfg, quant: str | None, block_size: int | None,
-                    double_quant: bool):
+def _abstract_split(arch: LlamaConfig, num_layers: int, config):
     """(trainable, frozen) as ShapeDtypeStruct trees of a ``num_layers``-layer build, quantized and adapted."""
-    from peftjax import partition, peft
+    from peftjax import partition
     from peftjax.models.llama import LlamaForCausalLM
+    from peftjax.train import build_model
 
     def build():
-        config = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=True)
-        model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
-        if quant is not None:
-            from peftjax.quant.policy import QuantSpec, quantize_model
-
-            model = quantize_model(model, [QuantSpec(targets="all-linear", format=quant, block_size=block_size,
-                                                     double_quant=double_quant)])
-        _, trainable, frozen = partition.split(peft.apply(model, method_cfg))
+        arch_n = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=True)
+        model = LlamaForCausalLM(arch_n, rngs=nnx.Rngs(0))
+        _, trainable, frozen = partition.split(build_model(config, (model, None))[0])
         return trainable, frozen
 
     return jax.eval_shape(build)
@@ -137,26 +136,23 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
     return layers + head
 
 
-def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = None, quant: str | None = None,
-             block_size: int = 64, double_quant: bool = False, batch_size: int = 1, seq_len: int = 512,
-             weight_dtype: str = "bfloat16", trainable_dtype: str = "float32", compute_dtype: str = "bfloat16",
-             remat: bool = False, num_tokens: int | None = None) -> MemoryEstimate:
-    """Memory of training ``model`` with ``method`` (a registered PEFT method, or ``qlora`` / ``dora``)."""
-    from peftjax.config import from_dict, validate
-    from peftjax.train import method_config
+def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = None, batch_size: int = 1,
+             seq_len: int = 512, weight_dtype: str = "bfloat16", trainable_dtype: str = "float32",
+             compute_dtype: str = "bfloat16", remat: bool = False, num_tokens: int | None = None) -> MemoryEstimate:
+    """Memory of training ``model`` with ``method`` (a preset such as ``qlora``, or a registered method)."""
+    from peftjax.peft import get_method
 
     arch, tied = architecture(model)
     label = method
-    method, quant, double_quant, options = expand_method(method, quant, double_quant)
     for name, size in (("weight_dtype", weight_dtype), ("trainable_dtype", trainable_dtype),
                        ("compute_dtype", compute_dtype)):
         if size not in DTYPE_BYTES:
             raise PeftjaxError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_BYTES)}, got {size!r}")
-    peft = {"method": method, "rank": rank, "targets": targets, "num_tokens": num_tokens, **options}
-    config = from_dict({"model": {"name": "tiny"}, "peft": {k: v for k, v in peft.items() if v is not None}})
-    validate(config)
-    method_cfg = method_config(config)
-    builds = [_abstract_split(arch, n, method_cfg, quant, block_size, double_quant) for n in (1, 2)]
+    if batch_size < 1 or seq_len < 1:
+        raise PeftjaxError(f"--batch-size and --seq-len must be >= 1, got {batch_size} and {seq_len}")
+    config = method_run_config(method, rank=rank, targets=targets, num_tokens=num_tokens)
+    registration = get_method(config.method)
+    builds = [_abstract_split(arch, n, config) for n in (1, 2)]
     trainable_bytes, weight_bytes = DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[weight_dtype]
     (t1, tb1), (t2, tb2) = (_storage(b[0], trainable_bytes) for b in builds)
     (f1, fb1), (f2, fb2) = (_storage(b[1], weight_bytes) for b in builds)
@@ -169,11 +165,11 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
     frozen, weights = extrapolate(f1, f2), extrapolate(fb1, fb2)
     if not tied:  # a separate output head (V x d), kept dense; full fine-tuning trains it
         head = arch.vocab_size * arch.hidden_size
-        if method == "full":
+        if registration.trains_base:
             trainable, adapter = trainable + head, adapter + head * trainable_bytes
         else:
             frozen, weights = frozen + head, weights + head * weight_bytes
-    if method == "full":
+    if registration.trains_base:
         # full fine-tuning holds the weights in the weight dtype (bf16 in the classic tables) ...
         weights, adapter = weights + trainable * weight_bytes, 0
         gradients = trainable * weight_bytes
@@ -182,10 +178,9 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
     else:
         gradients = trainable * trainable_bytes
         optimizer = trainable * 8
-    extra = getattr(method_cfg, "num_tokens", 0) if method in ("prompt", "prefix") else 0
+    virtual, prefix = registration.extra_positions(config.peft)
     acts = activation_bytes(arch, batch_size=batch_size, seq_len=seq_len, compute_bytes=DTYPE_BYTES[compute_dtype],
-                            remat=remat, virtual_tokens=extra if method == "prompt" else 0,
-                            prefix_tokens=extra if method == "prefix" else 0)
+                            remat=remat, virtual_tokens=virtual, prefix_tokens=prefix)
     return MemoryEstimate(model=model, method=label, total_params=trainable + frozen, trainable_params=trainable,
                           weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
                           activations=acts)
@@ -229,35 +224,26 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
                  seq_len: int = 512, remat: bool = False) -> dict:
     """XLA's allocation for the real compiled train step (the analogue of a GPU's peak allocated memory).
 
-    Builds the model named ``model`` (``smollm2`` or ``tiny``: weights are needed), applies ``method`` exactly as
-    a float32 training run does, compiles one train step and returns XLA's buffer sizes in bytes: ``arguments``
-    (frozen base, trainable, optimizer state, batch), ``temp`` (activations, gradients, workspace) and
-    ``outputs`` not aliased to an argument.
+    Builds the model named ``model`` (``smollm2`` or ``tiny``: weights are needed) with ``method`` exactly as a
+    float32 training run does, compiles one train step and returns :func:`peftjax.train.step_memory`: ``arguments``
+    (frozen base, trainable, optimizer state, batch), ``temp`` (activations, gradients, workspace), ``outputs`` not
+    aliased to an argument, and ``total``.
     """
     import jax.numpy as jnp
 
     from peftjax import partition
-    from peftjax.config import from_dict, validate
-    from peftjax.train import load_base, make_optimizer, make_train_step, prepare_model
+    from peftjax.train import build, make_optimizer, make_train_step, step_memory
 
-    method, fmt, double_quant, options = expand_method(method)
-    quant = {"format": fmt, "double_quant": double_quant}
-    peft = {"method": method, "rank": rank, "targets": targets, **options}
-    config = from_dict({"model": {"name": model, "remat": remat},
-                        "peft": {k: v for k, v in peft.items() if v is not None},
-                        "quant": quant if quant["format"] else {},
-                        "data": {"seq_len": seq_len}, "train": {"batch_size": batch_size}})
-    validate(config)
-    trained, _ = prepare_model(config, load_base(config))
+    config = method_run_config(method, model=model, rank=rank, targets=targets)
+    config.model.remat = remat
+    config.train.batch_size = batch_size
+    trained = build(config, with_data=False).model
     graphdef, trainable, frozen = partition.split(trained)
     optimizer = make_optimizer(config.train)
     opt_state = optimizer.init(trainable)
     step = make_train_step(graphdef, optimizer, jnp.float32, remat=remat)
     batch = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
-    analysis = step.lower(trainable, opt_state, frozen, batch, None).compile().memory_analysis()
-    outputs = analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-    return {"arguments": analysis.argument_size_in_bytes, "temp": analysis.temp_size_in_bytes, "outputs": outputs,
-            "total": analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + outputs}
+    return step_memory(step.lower(trainable, opt_state, frozen, batch, None).compile())
 
 
 CLASSIC = ["llama2-70b", "llama2-13b", "llama2-7b", "mistral-7b"]

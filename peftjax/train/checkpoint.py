@@ -22,21 +22,17 @@ import numpy as np
 
 from peftjax.errors import PeftjaxError
 
-# the config fields that decide which trainable tree a checkpoint belongs to
-IDENTITY_FIELDS = (("model", "name"), ("model", "num_layers"), ("peft", "method"), ("peft", "rank"),
-                   ("peft", "targets"), ("quant", "format"), ("quant", "targets"))
-
-
 def identity(config) -> dict:
-    """The fields of ``config`` that a checkpoint must match, as ``{"peft.rank": 8, ...}``."""
+    """What a checkpoint must match to be restored, as ``{"peft.rank": 8, ...}``: the base model, the quantization
+    rules and the method's own identity hook (:mod:`peftjax.peft.registry`; default: every field of its config)."""
     from peftjax.config import to_dict
+    from peftjax.peft import get_method
 
     d = to_dict(config)
-    out = {}
-    for section, key in IDENTITY_FIELDS:
-        if section == "peft" and key == "rank" and d["peft"]["method"] == "full":
-            continue
-        out[f"{section}.{key}"] = d[section][key]
+    out = {"model.name": d["model"]["name"], "model.num_layers": d["model"]["num_layers"],
+           "peft.method": config.method, "quant": d["quant"]}
+    for key, value in get_method(config.method).identity(config.peft).items():
+        out[f"peft.{key}"] = value
     return out
 
 

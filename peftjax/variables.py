@@ -40,3 +40,14 @@ class Tuned(Trainable):
 
 class Quantized(nnx.Variable):
     """A frozen base weight stored as a :class:`peftjax.quant.QArray` (packed codes and scales)."""
+
+
+def trainable_groups() -> tuple[str, ...]:
+    """Every optimizer group name: the lower-cased names of :class:`Trainable` and all its subclasses (``lora``,
+    ``prompt``, ``tuned``, and those of methods registered later, once their module is imported)."""
+    found, todo = [], [Trainable]
+    while todo:
+        cls = todo.pop()
+        found.append(cls.__name__.lower())
+        todo += cls.__subclasses__()
+    return tuple(sorted(set(found)))

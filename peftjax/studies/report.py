@@ -1,18 +1,13 @@
 """Tables that compare runs, from their ``summary.json`` files."""
 from __future__ import annotations
 
+from peftjax.config import label as method_label
+
 GIB, MIB = 1024 ** 3, 1024 ** 2
 
 
 def _mem(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
-
-
-def method_label(summary: dict) -> str:
-    if summary["method"] == "lora" and summary.get("quant"):
-        dq = "+DQ" if summary.get("double_quant") else ""
-        return f"QLoRA ({summary['quant'].upper()}{dq})"
-    return {"lora": "LoRA", "full": "Full FT"}.get(summary["method"], summary["method"])
 
 
 def comparison_table(summaries: list[dict]) -> str:

@@ -1,0 +1,85 @@
+"""LoHa: low-rank Hadamard product adaptation (Hyeon-Woo et al. 2022, FedPara), written only against the public API.
+
+    y = W x + ΔW x,   ΔW = s * (A1 B1) ⊙ (A2 B2),   A_i: (d_in, r), B_i: (r, d_out),   s = alpha / r
+
+The Hadamard product of two rank-r matrices has rank up to r^2, so LoHa reaches a higher-rank update than LoRA with
+the same 2 r (d_in + d_out) parameters. A1, B1, A2 start Kaiming-uniform and B2 at zero (as Hugging Face PEFT
+initialises ``hada_w2_b``), so ΔW = 0 and the adapted model starts as the base. ΔW folds into W exactly.
+
+This file is the walkthrough of docs/extending.md: a variable type, the maths, a wrapper, a config, a registration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from peftjax.models import Linear
+from peftjax.peft import Adapter, AdapterLinear, check_rank, register_method, replace_matching
+
+
+class LoHa(Adapter):
+    """LoHa's four trainable factors."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoHaConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str | tuple[str, ...] = "all-linear"
+    seed: int = 0
+
+
+def loha_weight(a1_DR, b1_RO, a2_DR, b2_RO, scale: float) -> jax.Array:
+    """ΔW = s (A1 B1) ⊙ (A2 B2) in the (d_in, d_out) layout of the base weight."""
+    return (a1_DR @ b1_RO) * (a2_DR @ b2_RO) * scale
+
+
+def _kaiming(key, shape, fan_in: int) -> jax.Array:
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LoHaLinear(AdapterLinear):
+    mergeable = True
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, key: jax.Array):
+        super().__init__(base)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.hada_a1 = LoHa(_kaiming(k1, (base.d_in, rank), base.d_in))
+        self.hada_b1 = LoHa(_kaiming(k2, (rank, base.d_out), rank))
+        self.hada_a2 = LoHa(_kaiming(k3, (base.d_in, rank), base.d_in))
+        self.hada_b2 = LoHa(jnp.zeros((rank, base.d_out), jnp.float32))  # ΔW = 0 at the start
+
+    def delta_weight(self) -> jax.Array:
+        return loha_weight(self.hada_a1[...], self.hada_b1[...], self.hada_a2[...], self.hada_b2[...], self.scale)
+
+    def __call__(self, x, key=None):
+        y = self.base(x)
+        if self.bypass():
+            return y
+        return y + x @ self.delta_weight().astype(x.dtype)
+
+    def merge_kernel(self, w_DO):
+        return w_DO + self.delta_weight().astype(w_DO.dtype)
+
+    def unmerge_kernel(self, w_DO):
+        return w_DO - self.delta_weight().astype(w_DO.dtype)
+
+
+def apply_loha(model, config: LoHaConfig) -> None:
+    root = jax.random.key(config.seed)
+
+    def make(path, base, _):
+        check_rank(config.rank, base, path, what="LoHa")
+        key = jax.random.fold_in(root, zlib.crc32(path.encode()))  # each layer's draw depends on its path only
+        return LoHaLinear(base, rank=config.rank, alpha=config.alpha, key=key)
+
+    replace_matching(model, Linear, config.targets, make, what="LoHa target")
+
+
+register_method("loha", LoHaConfig, apply_loha)

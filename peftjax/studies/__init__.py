@@ -1,0 +1,1 @@
+"""Studies over many runs: sweeps, reports and paper tables, memory estimates, benchmarks, quantization reports."""

@@ -1,0 +1,124 @@
+"""From a run config to what a run needs: ``build(config) -> Built(model, tokenizer, data)``.
+
+One builder for ``peftjax train``, ``bench``, ``memory --measure``, ``quant-report`` and ``load_run``: the base named
+by ``model`` (truncated to ``num_layers``), quantized by the ``quant`` rules, with the ``peft`` method applied, and the
+task's train / eval rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax import peft
+from peftjax.config import POLARITY, RunConfig
+from peftjax.data import RecordData
+from peftjax.errors import PeftjaxError
+from peftjax.quant.policy import quantize_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_base(config: RunConfig):
+    """The base model and tokenizer named by ``config.model``, truncated to ``num_layers`` when set."""
+    from peftjax.models import LlamaConfig, LlamaForCausalLM, from_pretrained
+    from peftjax.models.tokenizer import byte_tokenizer
+
+    mc = config.model
+    dtype = DTYPES[mc.param_dtype]
+    if mc.name == "tiny":
+        model, tokenizer = LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(config.train.seed), dtype=dtype), \
+            byte_tokenizer()
+    else:
+        model, tokenizer = from_pretrained(mc.name, dtype=dtype)
+    if mc.num_layers is not None:
+        if not 1 <= mc.num_layers <= model.config.num_layers:
+            raise PeftjaxError(f"model.num_layers must be between 1 and {model.config.num_layers}, "
+                               f"got {mc.num_layers}")
+        model.layers = nnx.List(list(model.layers)[: mc.num_layers])
+        model.config = dataclasses.replace(model.config, num_layers=mc.num_layers)
+    return model, tokenizer
+
+
+def build_model(config: RunConfig, base=None):
+    """(model, tokenizer): the base (loaded unless given), quantized by ``config.quant``, the method applied."""
+    model, tokenizer = base if base is not None else load_base(config)
+    if config.quant.rules:
+        model = quantize_model(model, list(config.quant.rules))
+    return peft.apply(model, config.peft), tokenizer
+
+
+@dataclasses.dataclass
+class Built:
+    model: nnx.Module
+    tokenizer: object
+    data: "TaskData | None"
+
+
+def build(config: RunConfig, *, with_data: bool = True) -> Built:
+    """Model, tokenizer and (unless ``with_data=False``) the task's data for ``config``."""
+    base = load_base(config)
+    data = load_data(config, base[1]) if with_data else None
+    model, tokenizer = build_model(config, base)
+    return Built(model, tokenizer, data)
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Train and eval rows of one task, plus what the summary reports about them."""
+    train: RecordData
+    eval: RecordData
+    lm: bool  # train batches are plain token blocks (every target counts)
+    info: dict
+
+    def train_batch(self, indices: list[np.ndarray]):
+        """One optimizer step's batch from its micro-batch index arrays (stacked when there are several)."""
+        one = [self.train.tokens[i] if self.lm else self.train.batch(i) for i in indices]
+        return one[0] if len(one) == 1 else jax.tree.map(lambda *xs: np.stack(xs), *one)
+
+
+def load_data(config: RunConfig, tokenizer) -> TaskData:
+    from peftjax import data as D
+
+    dc = config.data
+    files = [Path(f) for f in dc.files]
+    if dc.chat_template is not None:
+        tokenizer.chat_template = dc.chat_template
+    if dc.task == "lm":
+        if dc.dataset == "shakespeare":
+            from peftjax.assets import shakespeare_texts
+
+            files = shakespeare_texts()
+        lm = D.lm_data(files, tokenizer, seq_len=dc.seq_len, eval_docs=dc.eval_docs,
+                       max_eval_blocks=dc.max_eval_blocks)
+        ones = lambda x: np.ones((len(x), dc.seq_len), np.float32)  # noqa: E731
+        return TaskData(RecordData(lm.train, ones(lm.train)), RecordData(lm.eval, ones(lm.eval)), True,
+                        {"train_blocks": int(len(lm.train)), "eval_blocks": int(len(lm.eval)),
+                         "eval_docs": lm.eval_docs})
+    if dc.dataset == "polarity":
+        from peftjax.assets import fetch
+
+        records = D.polarity_records(fetch("gensim-testdata", quiet=True) / "gensim" / "test" / "test_data"
+                                     / "pang_lee_polarity.cor")
+    else:
+        records = D.load_records(files)
+    train_records, eval_records = D.split_records(records, dc.eval_docs)
+    eval_records = eval_records[: dc.max_eval_blocks]
+    if dc.task == "sft":
+        make = functools.partial(D.sft_rows, tokenizer=tokenizer, seq_len=dc.seq_len, prompt_field=dc.prompt_field,
+                                 response_field=dc.response_field, messages_field=dc.messages_field)
+    else:
+        polarity = dc.dataset == "polarity"
+        make = functools.partial(
+            D.verbalizer_rows, tokenizer=tokenizer, seq_len=dc.seq_len,
+            template=dc.template if dc.template is not None else (POLARITY["template"] if polarity else "{text}"),
+            labels=dc.labels or POLARITY["labels"], label_words=dc.label_words or POLARITY["label_words"],
+            text_field=dc.text_field, label_field=dc.label_field)
+    train, evals = make(train_records), make(eval_records)
+    return TaskData(train, evals, False, {"train_blocks": len(train), "eval_blocks": len(evals),
+                                          "eval_docs": [f"{len(eval_records)} records"]})

@@ -1,0 +1,203 @@
+"""The run loop: ``run(config, out)`` trains per a config and writes the run directory (:mod:`.rundir`).
+
+Every check that can fail on user input runs before anything in ``out`` is written; progress shows loss, tokens/s
+and ETA; checkpoints make a killed run resumable bitwise.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from peftjax import partition
+from peftjax.config import RunConfig, to_dict
+from peftjax.data import index_batches
+from peftjax.errors import PeftjaxError
+from peftjax.peft import get_method
+from peftjax.quant.policy import rule_bits
+from peftjax.train.build import DTYPES, build
+from peftjax.train.checkpoint import Checkpointer, directory_bytes
+from peftjax.train.optim import make_optimizer
+from peftjax.train.probes import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
+from peftjax.train.rundir import RunSummary, check_resumable, write_json
+from peftjax.train.step import evaluate, make_eval_fn, make_train_step, step_memory
+
+
+def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Train per ``config`` and write ``out/{config.yaml, metrics.jsonl, summary.json, checkpoints/}``.
+
+    Every check that can fail on user input (config, model, targets, data, a checkpoint to resume) runs before
+    anything in ``out`` is written. With ``resume`` the latest checkpoint in ``out`` is restored (trainable,
+    optimizer state, step, data position) and training continues; the result is bitwise that of an uninterrupted
+    run. A run that has no checkpoint yet starts from the beginning.
+    """
+    from tqdm import tqdm
+
+
+    out = Path(out)
+    if resume and overwrite:
+        raise PeftjaxError("--resume and --overwrite contradict each other; choose one")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise PeftjaxError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
+                           "--overwrite to replace it, or choose --out")
+    if resume:
+        check_resumable(out, config)
+    t_start = time.perf_counter()
+    rss_start = rss_bytes()  # the interpreter and libraries, before any model or data
+    built = build(config)
+    data, model = built.data, built.model
+    rule_report = rule_bits(model)
+    del built
+    graphdef, trainable, frozen = partition.split(model)
+    del model
+    load_s = time.perf_counter() - t_start
+
+    tc = config.train
+    compute_dtype = DTYPES[config.model.compute_dtype]
+    optimizer = make_optimizer(tc)
+    opt_state = optimizer.init(trainable)
+    step_fn = make_train_step(graphdef, optimizer, compute_dtype, grad_accum=tc.grad_accum,
+                              remat=config.model.remat)
+    dropout = getattr(config.peft, "dropout", 0.0)
+    eval_fn = make_eval_fn(graphdef, compute_dtype, data.eval.candidates)
+
+    ckpt_dir = out / "checkpoints"
+    start_step, state = 0, {"nonfinite_total": 0, "eval_before": None}
+    if resume and ckpt_dir.exists():
+        ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            trainable, opt_state, meta = ckpt.restore(trainable, opt_state, config=config)
+            start_step = meta["step"]
+            state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"])
+            if meta["data_position"] != start_step * tc.grad_accum:
+                raise PeftjaxError(f"checkpoint data position {meta['data_position']} does not match step "
+                                   f"{start_step} x train.grad_accum {tc.grad_accum}")
+        ckpt.close()
+    if start_step > tc.steps:
+        raise PeftjaxError(f"the checkpoint in {ckpt_dir} is at step {start_step}, past train.steps={tc.steps}")
+    if len(data.train) < tc.batch_size:
+        raise PeftjaxError(f"only {len(data.train)} training rows for train.batch_size {tc.batch_size}; "
+                           "lower train.batch_size or add data")
+    # ---- validation is over: from here on the run directory is written
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if start_step and metrics_path.exists():  # drop records the killed run wrote after its last checkpoint
+        kept = [line for line in metrics_path.read_text().split("\n")[:-1]  # [:-1]: a line cut by the kill
+                if line.strip() and json.loads(line)["step"] <= start_step]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    peak_rss_load = peak_rss_bytes()
+    release_freed_memory()
+    rss_train_start = rss_bytes()
+    reset_peak_rss()  # peak_rss_bytes below is then the peak of the training phase alone
+    if state["eval_before"] is None:
+        state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
+    tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
+    step_times, losses = [], []
+    compile_s, consecutive, saved_step = None, 0, start_step
+    peak_rss_first = None
+    micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
+    dropout_root = jax.random.key(tc.seed)  # the run's only randomness after init: dropout keys by step
+    compiled, memory = None, None
+
+    def save(step):
+        return ckpt.save(step, trainable, opt_state, config=config, data_position=step * tc.grad_accum,
+                         extra={"nonfinite_total": state["nonfinite_total"], "eval_before": state["eval_before"]})
+
+    bar = tqdm(total=tc.steps, initial=start_step, desc=config.name, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    with open(metrics_path, "a") as metrics_file:
+        def log(record):
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+        for step in range(start_step, tc.steps):
+            batch = jax.tree.map(jnp.asarray, data.train_batch([next(micro) for _ in range(tc.grad_accum)]))
+            t0 = time.perf_counter()
+            key = jax.random.fold_in(dropout_root, step) if dropout else None
+            if compiled is None:  # compiled once, explicitly, so XLA's allocation for the step can be read
+                compiled = step_fn.lower(trainable, opt_state, frozen, batch, key).compile()
+                memory = step_memory(compiled)
+            trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, key)
+            metrics = jax.device_get(metrics)  # the one host sync of a step
+            dt = time.perf_counter() - t0
+            if compile_s is None:
+                compile_s = dt
+                peak_rss_first = peak_rss_bytes()  # evaluation and the step's compilation (in this process)
+                reset_peak_rss()  # from here on: the steady state of training
+            else:
+                step_times.append(dt)
+            loss = float(metrics["loss"])
+            finite = bool(metrics["finite"])
+            consecutive = 0 if finite else consecutive + 1
+            state["nonfinite_total"] += not finite
+            if finite:
+                losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "step_s": dt,
+                      "tokens_per_s": tokens_per_step / dt, "skipped": not finite}
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or not finite:
+                log(record)
+            if consecutive >= tc.max_nonfinite:
+                bar.close()
+                where = f"step {saved_step} in {ckpt_dir}" if saved_step else "none was saved yet"
+                raise PeftjaxError(f"stopped at step {step + 1}: {consecutive} non-finite losses or gradients in a "
+                                   f"row (updates skipped); lower train.learning_rate. Last good checkpoint: {where}")
+            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 != tc.steps:
+                log({"step": step + 1, **evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)})
+            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 != tc.steps and consecutive == 0:
+                save(step + 1)
+                saved_step = step + 1
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
+            bar.update(1)
+        bar.close()
+        if saved_step != tc.steps:
+            saved_step = tc.steps
+            save(tc.steps)
+        ckpt_bytes = directory_bytes(ckpt_dir / str(tc.steps))
+        eval_after = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
+        log({"step": tc.steps, **eval_after})
+    ckpt.close()
+    median_step = statistics.median(step_times) if step_times else compile_s
+    eval_before = state["eval_before"]
+    quant, double_quant = config.quant.describe()
+    summary = RunSummary(
+        name=config.name, task=config.data.task, method=config.method, preset=config.preset,
+        rank=get_method(config.method).describe(config.peft).get("rank"), quant=quant, double_quant=double_quant,
+        quant_rules=rule_report, param_dtype=config.model.param_dtype,
+        trainable_params=partition.param_count(trainable),
+        total_params=partition.param_count(trainable) + partition.param_count(frozen),
+        frozen_bytes=partition.tree_nbytes(frozen), linear_bits_per_param=partition.quantized_bits_per_param(frozen),
+        trainable_bytes=partition.tree_nbytes(trainable), optimizer_bytes=partition.tree_nbytes(opt_state),
+        step_device_bytes=memory["total"] if memory else None, step_temp_bytes=memory["temp"] if memory else None,
+        checkpoint_bytes=ckpt_bytes,
+        checkpoint_trainable_bytes=directory_bytes(ckpt_dir / str(tc.steps) / "trainable"),
+        checkpoint_dir=str(ckpt_dir / str(saved_step)),
+        peak_rss_bytes=max(peak_rss_bytes(), peak_rss_first or 0),
+        peak_rss_steady_bytes=peak_rss_bytes() if peak_rss_first is not None else None,
+        peak_rss_load_bytes=peak_rss_load, rss_start_bytes=rss_start, rss_train_start_bytes=rss_train_start,
+        median_step_s=median_step, train_s=(compile_s or 0.0) + sum(step_times),
+        tokens_per_s=tokens_per_step / median_step if median_step else None, compile_s=compile_s, load_s=load_s,
+        eval_loss_before=eval_before["eval_loss"], eval_loss_after=eval_after["eval_loss"],
+        eval_ppl_before=eval_before["eval_ppl"], eval_ppl_after=eval_after["eval_ppl"],
+        eval_accuracy_before=eval_before.get("eval_accuracy"), eval_accuracy_after=eval_after.get("eval_accuracy"),
+        train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None,
+        nonfinite_skipped=state["nonfinite_total"], resumed_from_step=start_step or None, steps=tc.steps,
+        tokens_seen=tc.steps * tokens_per_step,
+        epochs=tc.steps * tc.batch_size * tc.grad_accum / len(data.train),
+        train_blocks=data.info["train_blocks"], eval_blocks=data.info["eval_blocks"], eval_docs=data.info["eval_docs"],
+        wall_s=time.perf_counter() - t_start, jax_version=jax.__version__, backend=jax.default_backend(),
+    ).to_json()
+    write_json(out / "summary.json", summary)
+    return summary

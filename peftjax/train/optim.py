@@ -1,0 +1,49 @@
+"""The optimizer of a run from ``train:``: global-norm clipping, AdamW with decay on matrices only, warmup + cosine
+or constant schedules, and per-group peak learning rates (``optax.partition`` over the trainable variable types)."""
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from peftjax.variables import trainable_groups
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_groups(params):
+    """The optimizer group of every trainable leaf: its variable type in lower case (``lora``, ``prompt``, ...)."""
+    return jax.tree.map(lambda v: jax.tree.map(lambda _: type(v).__name__.lower(), v), params, is_leaf=_is_variable)
+
+
+def decay_mask(params):
+    """Weight decay applies to matrices only: never to vectors (norm scales, biases, IA3 scalings) or scalars."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_schedule(tc, peak: float) -> optax.Schedule:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio * peak`` or constant."""
+    if tc.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        after = optax.cosine_decay_schedule(peak, max(tc.steps - tc.warmup_steps, 1), alpha=tc.min_lr_ratio)
+    if tc.warmup_steps <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, tc.warmup_steps), after], [tc.warmup_steps])
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decay masked to matrices) per group: ``train.group_learning_rates`` sets
+    a peak rate per trainable variable type (e.g. ``prompt`` vs ``lora``) through ``optax.partition``."""
+    def adamw(peak):
+        return optax.adamw(make_schedule(tc, peak), weight_decay=tc.weight_decay, mask=decay_mask)
+
+    parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+    if tc.group_learning_rates:
+        parts.append(optax.partition({g: adamw(tc.group_learning_rates.get(g, tc.learning_rate))
+                                      for g in trainable_groups()}, param_groups))
+    else:
+        parts.append(adamw(tc.learning_rate))
+    return optax.chain(*parts)
