@@ -17,7 +17,7 @@ from peftjax import partition
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.config import from_dict
 from peftjax.errors import PeftjaxError
-from peftjax.train import load_run, make_optimizer, prepare_model
+from peftjax.train import load_run, make_optimizer, build_model
 from tests.test_cli import PLAY, peftjax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(tmp_
 
 
 def _state(config):
-    model, _ = prepare_model(config)
+    model, _ = build_model(config)
     _, trainable, _ = partition.split(model)
     optimizer = make_optimizer(config.train)
     return trainable, optimizer.init(trainable)
@@ -153,7 +153,7 @@ def test_checkpoint_holds_only_the_trainable_tree(tmp_path):
     config = from_dict(TINY)
     trainable, opt_state = _state(config)
     size = Checkpointer(tmp_path).save(1, trainable, opt_state, config=config, data_position=0)
-    model, _ = prepare_model(config)
+    model, _ = build_model(config)
     frozen_bytes = partition.tree_nbytes(partition.split(model)[2])
     assert 0 < size < frozen_bytes // 2  # never the frozen base (orbax also compresses the zero-initialised leaves)
     meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())

@@ -49,7 +49,7 @@ def test_train_writes_run_directory(tmp_path, config):
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.stepz=3"], "unknown config key train.stepz; did you mean train.steps?"),
     (["--set", "peft.targets=[qkv_proj]"], "LoRA target rule 'qkv_proj' matches no module; available paths:"),
-    (["--set", "peft.rank=1000"], "LoRA rank 1000 is larger than"),
+    (["--set", "peft.rank=1000"], "LoRA rank 1000 does not fit"),
     (["--set", "data.dataset=files", "--set", "data.files=[/nonexistent/plays.txt]"],
      "data file /nonexistent/plays.txt not found"),
     (["--set", "train.steps=ten"], "config key train.steps must be int"),

@@ -8,7 +8,7 @@ from flax import nnx
 from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
 from peftjax.peft.vera import VeRAConfig, VeRALinear
-from peftjax.quant import dequantize, quantize
+from peftjax.quant import dequantize, fake_quant, quantize
 from tests.helpers import random_blocks, tiny_model
 
 
@@ -48,14 +48,37 @@ def test_lora_dropout_masks_the_adapter_input_only_while_a_key_is_set():
     x = jax.random.normal(jax.random.key(0), (5, layer.d_in))
     W, A, B = layer.base.weight[...], layer.lora_a[...], layer.lora_b[...]
     np.testing.assert_allclose(layer(x), x @ W + 2.0 * x @ A @ B, rtol=1e-5, atol=1e-5)  # no key: deterministic
-    peft.set_dropout_key(model, jax.random.key(7))
-    keep = jax.random.bernoulli(layer.dropout_key, 0.5, x.shape)
-    np.testing.assert_allclose(layer(x), x @ W + 2.0 * jnp.where(keep, 2 * x, 0) @ A @ B, rtol=1e-5, atol=1e-5)
+    key = jax.random.key(7)
+    keep = jax.random.bernoulli(jax.random.fold_in(key, layer.index), 0.5, x.shape)
+    np.testing.assert_allclose(layer(x, key), x @ W + 2.0 * jnp.where(keep, 2 * x, 0) @ A @ B, rtol=1e-5, atol=1e-5)
     assert 0.3 < float(keep.mean()) < 0.7
-    peft.set_dropout_key(model, None)
-    assert layer.dropout_key is None
     with pytest.raises(PeftjaxError, match=r"LoRA dropout must be in \[0, 1\), got 1.0"):
-        peft.apply(tiny_model(), peft.LoRAConfig(dropout=1.0))
+        peft.LoRAConfig(dropout=1.0)
+
+
+def test_qat_lora_dropout_leaves_the_frozen_base_path_unmasked():
+    """With B = 0 the adapter contributes nothing, so dropout must not move the output (it once masked the base)."""
+    model = peft.apply(tiny_model(), peft.LoRAConfig(rank=4, dropout=0.5, qat_format="int8", targets="q_proj"))
+    layer = model.layers[0].self_attn.q_proj
+    x = jax.random.normal(jax.random.key(0), (6, layer.d_in))
+    np.testing.assert_array_equal(layer(x, jax.random.key(3)), layer(x))
+    layer.lora_b.set_value(jax.random.normal(jax.random.key(1), layer.lora_b.shape))  # the adapter path is masked
+    W = fake_quant(layer.base.weight[...] + layer.delta_weight(), "int8", block_size=64)
+    keep = jax.random.bernoulli(jax.random.fold_in(jax.random.key(3), layer.index), 0.5, x.shape)
+    delta = lambda z: layer.scale * z @ layer.lora_a[...] @ layer.lora_b[...]  # noqa: E731
+    expected = x @ W + delta(jnp.where(keep, 2 * x, 0)) - delta(x)
+    np.testing.assert_allclose(layer(x, jax.random.key(3)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_qat_composes_with_dora():
+    """QAT + DoRA trains against fake_quant of DoRA's merged weight m * V / ||V||."""
+    model = randomise(peft.apply(tiny_model(), peft.LoRAConfig(rank=4, dora=True, qat_format="nf4",
+                                                              targets="v_proj")), peft.LoRA)
+    layer = model.layers[1].self_attn.v_proj
+    x = jax.random.normal(jax.random.key(2), (5, layer.d_in))
+    V = layer.base.weight[...] + layer.delta_weight()
+    merged = V * (layer.magnitude[...] / jnp.linalg.norm(V, axis=0))[None, :]
+    np.testing.assert_allclose(layer(x), x @ fake_quant(merged, "nf4", block_size=64), rtol=1e-4, atol=1e-5)
 
 
 def test_pissa_factors_are_top_singular_directions_and_residual_keeps_w():
@@ -200,9 +223,9 @@ def test_rule_matching_nothing_lists_paths(config):
 
 
 def test_rank_above_layer_dimensions():
-    with pytest.raises(PeftjaxError, match="VeRA rank 65 is larger"):
+    with pytest.raises(PeftjaxError, match="VeRA rank 65 does not fit"):
         peft.apply(tiny_model(), VeRAConfig(rank=65))
-    with pytest.raises(PeftjaxError, match="rank 40 is larger than layers.0.self_attn.k_proj"):
+    with pytest.raises(PeftjaxError, match="rank 40 does not fit layers.0.self_attn.k_proj"):
         peft.apply(tiny_model(), peft.LoRAConfig(rank=8, rank_pattern={"k_proj": 40}))
 
 

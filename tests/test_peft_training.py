@@ -84,8 +84,7 @@ def test_lora_dropout_inside_a_jitted_step_uses_the_step_key():
     @jax.jit
     def loss_with_key(trainable, key):
         model = nnx.merge(graphdef, trainable, frozen)
-        peft.set_dropout_key(model, key)
-        logits = model(blocks[:, :-1])
+        logits = model(blocks[:, :-1], dropout_key=key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, blocks[:, 1:]).mean()
 
     a, b = loss_with_key(trainable, jax.random.key(0)), loss_with_key(trainable, jax.random.key(1))

@@ -211,11 +211,11 @@ def test_classify_run_reports_accuracy(tmp_path):
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_bfloat16_policy_trains_with_dense_or_quantized_base(quant):
-    from peftjax.train import DTYPES, prepare_model
+    from peftjax.train import DTYPES, build_model
 
     config = from_dict({"model": {"name": "tiny", "param_dtype": "bfloat16", "compute_dtype": "bfloat16"},
                         "peft": {"rank": 4}, "quant": {"format": quant}, "train": {"steps": 2}})
-    graphdef, trainable, frozen = partition.split(prepare_model(config)[0])
+    graphdef, trainable, frozen = partition.split(build_model(config)[0])
     dense = [x for x in jax.tree.leaves(frozen) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim == 2]
     assert dense and all(x.dtype == jnp.bfloat16 for x in dense)  # embeddings (and unquantized weights)
     opt = make_optimizer(config.train)

@@ -226,7 +226,7 @@ def build_quant_config(section) -> QuantConfig:
             raise PeftjaxError(f"quant.{extra}: with quant.rules, every setting belongs to a rule")
         section = section["rules"]
     if isinstance(section, dict):
-        if section.get("format", "nf4") is None:  # the shorthand's "no quantization"
+        if section.get("format") is None:  # no format: no quantization (the other keys wait for a --set format)
             return QuantConfig()
         return QuantConfig(rules=(_build(QuantRule, section, "quant."),))
     if not isinstance(section, list):

@@ -275,10 +275,10 @@ class LlamaForCausalLM(nnx.Module):
         return self.embed_tokens.attend(h_ND).astype(jnp.float32)
 
     def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
-                 prepend_prompt: bool = True):
+                 prepend_prompt: bool = True, dropout_key: jax.Array | None = None):
         """Logits (B, T, V) in float32 (and the new cache when decoding with one)."""
         B, T = ids_BT.shape
         h, new_cache = self.hidden_states(ids_BT, cache=cache, compute_dtype=compute_dtype,
-                                          prepend_prompt=prepend_prompt)
+                                          prepend_prompt=prepend_prompt, dropout_key=dropout_key)
         logits = self.logits(h).reshape(B, T, -1)
         return logits if cache is None else (logits, new_cache)

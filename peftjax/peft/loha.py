@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models import Linear
-from peftjax.peft import Adapter, AdapterLinear, check_rank, register_method, replace_matching
+from peftjax.peft.api import Adapter, AdapterLinear, check_rank, register_method, replace_matching
 
 
 class LoHa(Adapter):

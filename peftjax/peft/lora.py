@@ -65,6 +65,9 @@ class LoRAConfig:
     qat_block_size: int = 64
     seed: int = 0
 
+    def __post_init__(self):
+        check_lora_config(self)
+
 
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import Linear
-from peftjax.peft import Adapter, AdapterLinear, check_rank, modules_of_type, register_method, replace_matching
+from peftjax.peft.api import (Adapter, AdapterLinear, check_rank, modules_of_type, register_method,
+                              replace_matching)
 
 
 class VeRA(Adapter):
