@@ -53,7 +53,7 @@ def test_train_writes_run_directory(tmp_path, config):
     (["--set", "data.dataset=files", "--set", "data.files=[/nonexistent/plays.txt]"],
      "data file /nonexistent/plays.txt not found"),
     (["--set", "train.steps=ten"], "config key train.steps must be int"),
-    (["--set", "peft.method=lorax"], "peft.method 'lorax' is unknown; registered methods:"),
+    (["--set", "peft.method=lorax"], "unknown PEFT method 'lorax'; registered methods:"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, config, extra, message):
     out = tmp_path / "run"

@@ -9,12 +9,12 @@ from peftjax.studies.sweep import expand, point_name
 def test_overrides_are_typed():
     c = from_dict({"peft": {"rank": 4}}, ["peft.rank=16", "train.learning_rate=3e-4", "quant.format=nf4",
                                           "peft.targets=[q_proj, v_proj]"])
-    assert c.peft.rank == 16 and c.train.learning_rate == 3e-4 and c.quant.format == "nf4"
+    assert c.peft.rank == 16 and c.train.learning_rate == 3e-4 and c.quant.rules[0].format == "nf4"
     assert c.peft.targets == ["q_proj", "v_proj"]
 
 
 def test_unknown_key_suggests_nearest():
-    with pytest.raises(PeftjaxError, match=r"unknown config key peft\.rnak; did you mean peft\.rank\?"):
+    with pytest.raises(PeftjaxError, match=r"unknown config key peft\.rnak for method 'lora'; did you mean peft\.rank\?; lora's fields: rank, alpha"):
         from_dict({"peft": {"rnak": 4}})
 
 

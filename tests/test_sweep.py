@@ -67,7 +67,7 @@ def test_shards_split_the_points(tmp_path):
 
 
 @pytest.mark.parametrize("sweep, message", [
-    ("sweep:\n  grid: {peft.rnak: [1, 2]}\n", "unknown config key peft.rnak; did you mean peft.rank?"),
+    ("sweep:\n  grid: {peft.rnak: [1, 2]}\n", "unknown config key peft.rnak for method 'lora'; did you mean peft.rank?"),
     ("sweep:\n  grid: {peft.rank: []}\n", "must be a non-empty list"),
     ("", "has no sweep section"),
 ])

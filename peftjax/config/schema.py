@@ -280,14 +280,20 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunCon
     import copy
 
     data = copy.deepcopy(data)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
     if not isinstance(data, dict):
         raise PeftjaxError(f"a run config must be a mapping of sections, got {data!r}")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "peft.method" and isinstance(data.get("peft"), dict) and data["peft"].get("method") != value:
+            data["peft"] = {}  # another method: the file's fields were the old method's; start from its defaults
+        _set_dotted(data, key, value)
     preset = data.get("preset")
     if preset is not None:
-        data = _deep_merge(get_preset(preset).config, data)
+        under = get_preset(preset).config
+        own = data.get("peft")
+        if isinstance(own, dict) and own.get("method", under["peft"]["method"]) != under["peft"]["method"]:
+            under = {k: v for k, v in under.items() if k != "peft"}  # the file names another method: its own fields
+        data = _deep_merge(under, data)
     sections = {"name", "preset", "model", "peft", "quant", "data", "train"}
     unknown = sorted(set(data) - sections)
     if unknown:

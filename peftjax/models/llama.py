@@ -241,7 +241,8 @@ class LlamaForCausalLM(nnx.Module):
         With prompt tuning the virtual tokens are prepended (once: decode steps pass ``prepend_prompt=False``),
         attended to, and dropped from the returned states, so they line up with ``ids_BT``. ``dropout_key`` is
         the call's randomness (adapter dropout; layer i gets ``fold_in(key, i)``). ``remat`` recomputes each
-        decoder layer's activations in the backward pass (``nnx.remat``: only the layer inputs are kept).
+        decoder layer's activations in the backward pass (``nnx.remat``: only the layer inputs are kept;
+        a layer's forward pass writes no state, so no graph updates flow back out).
         """
         B, T_in = ids_BT.shape
         n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
@@ -257,9 +258,7 @@ class LlamaForCausalLM(nnx.Module):
             virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         new_keys, new_values = [], []
-        run_layer = _run_layer
-        if remat:
-            run_layer = nnx.remat(_run_layer, static_argnums=(2,))
+        run_layer = nnx.remat(_run_layer, static_argnums=(2,), graph_updates=False) if remat else _run_layer
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             h, new_kv = run_layer(layer, h, (B, T), cos, sin, kv, start, sub_key(dropout_key, i))

@@ -115,10 +115,11 @@ class QuantizedLinear(Linear):
 def quantize_model(model: nnx.Module, rules: list[QuantRule]) -> nnx.Module:
     """A new model whose linear layers matched by ``rules`` are quantized (first matching rule wins)."""
     return _replace_linears(model, rules, lambda base, rule, path, i: QuantizedLinear(base, rule, name=path,
-                                                                                      rule_index=i))
+                                                                                      rule_index=i),
+                            skip=(QuantizedLinear,))  # a QAT-trained FakeQuantLinear is a Linear: it quantizes
 
 
-def _replace_linears(model: nnx.Module, rules: list[QuantRule], make) -> nnx.Module:
+def _replace_linears(model: nnx.Module, rules: list[QuantRule], make, *, skip: tuple[type, ...]) -> nnx.Module:
     model = nnx.clone(model)
     patterns, owners = [], []
     for i, rule in enumerate(rules):
@@ -127,7 +128,7 @@ def _replace_linears(model: nnx.Module, rules: list[QuantRule], make) -> nnx.Mod
             owners.append(i)
     replace_matching(model, Linear, patterns,
                      lambda path, base, k: make(base, rules[owners[k]], path, owners[k]), what="quantization",
-                     keep=lambda _, m: not isinstance(m, (QuantizedLinear, FakeQuantLinear)))
+                     keep=lambda _, m: not isinstance(m, skip))
     return model
 
 
@@ -162,4 +163,5 @@ class FakeQuantLinear(Linear):
 
 def qat_model(model: nnx.Module, rules: list[QuantRule]) -> nnx.Module:
     """A new model whose matched linear layers train against their fake-quantized weights."""
-    return _replace_linears(model, rules, lambda base, rule, path, i: FakeQuantLinear(base, rule))
+    return _replace_linears(model, rules, lambda base, rule, path, i: FakeQuantLinear(base, rule),
+                            skip=(QuantizedLinear, FakeQuantLinear))

@@ -108,7 +108,7 @@ class Checkpointer:
 
 
 def check_identity(saved: dict, current: dict, *, where) -> None:
-    for key in sorted(set(saved) | set(current)):
+    for key in [*current, *(k for k in saved if k not in current)]:  # identity order: model, method, then options
         if saved.get(key) != current.get(key):
             raise PeftjaxError(f"checkpoint {where} was saved with {key}={saved.get(key)!r} but this model has "
                                f"{key}={current.get(key)!r}")
