@@ -18,7 +18,8 @@ quickstart: $(STAMP)
 	$(BIN)/peftjax quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/peftjax bench --method lora

@@ -256,3 +256,10 @@ def index_batches(n: int, batch_size: int, seed: int, start: int = 0):
         order = np.random.default_rng([seed, epoch]).permutation(n)
         yield order[j * batch_size:(j + 1) * batch_size]
         i += 1
+
+
+def random_blocks(batch: int, length: int, vocab: int = 256, seed: int = 0):
+    """``(batch, length)`` int32 token ids drawn uniformly from ``[0, vocab)``: a batch for tiny-model checks."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int32))

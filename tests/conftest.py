@@ -1,5 +1,8 @@
-"""Shared test set-up: strict numerics and the location of the reference fixtures."""
+"""Shared test set-up: strict numerics, the reference fixtures, and the fixtures several test folders use (the CLI
+runner and a tiny-model config over three small local plays). Tests import no other test module."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -17,9 +20,81 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
-def fixture_path(name: str) -> Path:
-    """Path of a file in ../shared/fixtures; skips the test (with the reason) when it is not there."""
+def _fixture_path(name: str) -> Path:
     path = FIXTURES / name
     if not path.exists():
         pytest.skip(f"reference fixture {path} not found (the fixtures live in ../shared/fixtures beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def fixture_path():
+    """``fixture_path(name)``: a file of ../shared/fixtures (a second source); skips with the reason when absent."""
+    return _fixture_path
+
+
+TINY_ARGS = ("--set", "model.name=tiny", "--set", "data.seq_len=32", "--set", "train.batch_size=2",
+             "--set", "data.max_eval_blocks=4", "--no-progress")
+PLAY = "Enter two lords.\nFIRST LORD. What news, my lord?\nSECOND LORD. The king is dead; long live the king.\n"
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args)``: ``python -m peftjax.cli *args`` in a subprocess, its CompletedProcess (stdout, stderr)."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_args() -> tuple[str, ...]:
+    """CLI overrides that put a run on the tiny random-weight model with short sequences."""
+    return TINY_ARGS
+
+
+@pytest.fixture
+def play_files(tmp_path) -> list[Path]:
+    """Three small local 'plays' (text files) for the ``files`` dataset."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"play{i}.txt")
+        files[-1].write_text(PLAY * 8)
+    return files
+
+
+@pytest.fixture
+def config(tmp_path, play_files) -> Path:
+    """A tiny-model LoRA rank-4 run config over the three plays (one held out)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\npeft: {method: lora, rank: 4}\ntrain: {steps: 4, learning_rate: 0.01}\n"
+                    f"data: {{dataset: files, eval_docs: 1, files: [{', '.join(map(str, play_files))}]}}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_template() -> str:
+    """A small Jinja chat template with role tags."""
+    return CHAT
+
+
+def _randomise(model, var_type, seed=3, scale=0.1):
+    """Perturb every ``var_type`` variable in place (so updates are non-trivial); the model."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model, var_type)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape)
+                                                   for k, x in zip(keys, leaves)]))
+    return model
+
+
+@pytest.fixture(scope="session")
+def randomise():
+    """``randomise(model, var_type, seed=3, scale=0.1)``: add N(0, scale^2) noise to every ``var_type`` leaf."""
+    return _randomise

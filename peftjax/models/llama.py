@@ -281,3 +281,9 @@ class LlamaForCausalLM(nnx.Module):
                                           prepend_prompt=prepend_prompt, dropout_key=dropout_key)
         logits = self.logits(h).reshape(B, T, -1)
         return logits if cache is None else (logits, new_cache)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random-weight :meth:`LlamaConfig.tiny` model (``model.name: tiny`` in a run config): the real model's code
+    paths at a size that compiles and trains in seconds, for tests, examples and quick experiments."""
+    return LlamaForCausalLM(LlamaConfig.tiny(**overrides), rngs=nnx.Rngs(seed))

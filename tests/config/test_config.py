@@ -10,7 +10,7 @@ def test_overrides_are_typed():
     c = from_dict({"peft": {"rank": 4}}, ["peft.rank=16", "train.learning_rate=3e-4", "quant.format=nf4",
                                           "peft.targets=[q_proj, v_proj]"])
     assert c.peft.rank == 16 and c.train.learning_rate == 3e-4 and c.quant.rules[0].format == "nf4"
-    assert c.peft.targets == ["q_proj", "v_proj"]
+    assert c.peft.targets == ("q_proj", "v_proj")  # lists become the dataclass's tuples
 
 
 def test_unknown_key_suggests_nearest():

@@ -1,21 +1,13 @@
 """`peftjax sweep` and `peftjax report` on a tiny model: run dirs, resume, failures, shards, report and plots."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from peftjax.errors import PeftjaxError
 from peftjax.studies.sweep import parse_shard, plan
 
-PLAY = "Enter two lords.\nFIRST LORD. What news, my lord?\nSECOND LORD. The king is dead; long live the king.\n"
 
-
-def write_spec(tmp_path, sweep: str, name="spec.yaml"):
-    files = []
-    for i in range(3):
-        files.append(tmp_path / f"play{i}.txt")
-        files[-1].write_text(PLAY * 8)
+def write_spec(files, tmp_path, sweep: str, name="spec.yaml"):
     spec = tmp_path / name
     spec.write_text(
         "model: {name: tiny}\npeft: {method: lora, rank: 2}\n"
@@ -24,15 +16,11 @@ def write_spec(tmp_path, sweep: str, name="spec.yaml"):
     return spec
 
 
-def peftjax(*args):
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True)
-
-
-def test_sweep_runs_points_resumes_and_reports(tmp_path):
-    spec = write_spec(tmp_path, "sweep:\n  grid: {peft.rank: [1, 2], train.seed: [0, 1]}\n"
+def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
+    spec = write_spec(play_files, tmp_path, "sweep:\n  grid: {peft.rank: [1, 2], train.seed: [0, 1]}\n"
                                 "  zip: {name: [lora, qlora], quant.format: [null, nf4]}\n")
     out = tmp_path / "sweep"
-    proc = peftjax("sweep", str(spec), "--out", str(out), "--workers", "2")
+    proc = cli("sweep", str(spec), "--out", str(out), "--workers", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = sorted(p.name for p in out.iterdir() if (p / "summary.json").exists())
     assert names == sorted(f"{m},rank={r},seed={s}" for m in ("lora", "qlora") for r in (1, 2) for s in (0, 1))
@@ -45,22 +33,22 @@ def test_sweep_runs_points_resumes_and_reports(tmp_path):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "report.csv").read_text().startswith("peft.rank,quant.format,seeds")
     # a rerun skips finished points
-    again = peftjax("sweep", str(spec), "--out", str(out))
+    again = cli("sweep", str(spec), "--out", str(out))
     assert again.returncode == 0 and again.stdout.count(": skipped") == 8
 
 
-def test_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
-    spec = write_spec(tmp_path, "sweep:\n  zip: {name: [ok, bad], peft.targets: [all-linear, [nothing_here]]}\n")
+def test_failing_point_is_recorded_and_the_sweep_goes_on(cli, play_files, tmp_path):
+    spec = write_spec(play_files, tmp_path, "sweep:\n  zip: {name: [ok, bad], peft.targets: [all-linear, [nothing_here]]}\n")
     out = tmp_path / "sweep"
-    proc = peftjax("sweep", str(spec), "--out", str(out))
+    proc = cli("sweep", str(spec), "--out", str(out))
     assert proc.returncode == 1
     lines = {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert lines["ok"]["status"] == "ok"
     assert lines["bad"]["status"] == "failed" and "matches no module" in lines["bad"]["error"]
 
 
-def test_shards_split_the_points(tmp_path):
-    spec = write_spec(tmp_path, "sweep:\n  grid: {peft.rank: [1, 2, 3]}\n")
+def test_shards_split_the_points(play_files, tmp_path):
+    spec = write_spec(play_files, tmp_path, "sweep:\n  grid: {peft.rank: [1, 2, 3]}\n")
     _, first = plan(str(spec), tmp_path / "a", parse_shard("0/2"))
     _, second = plan(str(spec), tmp_path / "a", parse_shard("1/2"))
     assert [p["peft.rank"] for p in first] == [1, 3] and [p["peft.rank"] for p in second] == [2]
@@ -71,20 +59,20 @@ def test_shards_split_the_points(tmp_path):
     ("sweep:\n  grid: {peft.rank: []}\n", "must be a non-empty list"),
     ("", "has no sweep section"),
 ])
-def test_bad_sweeps_fail_before_any_point_runs(tmp_path, sweep, message):
-    spec = write_spec(tmp_path, sweep)
+def test_bad_sweeps_fail_before_any_point_runs(play_files, tmp_path, sweep, message):
+    spec = write_spec(play_files, tmp_path, sweep)
     out = tmp_path / "sweep"
     with pytest.raises(PeftjaxError, match=message.replace("?", r"\?")):
         plan(str(spec), out)
     assert not out.exists()
 
 
-def test_directory_of_another_sweep_is_refused(tmp_path):
-    plan(str(write_spec(tmp_path, "sweep:\n  grid: {peft.rank: [1]}\n")), tmp_path / "s")
-    other = write_spec(tmp_path, "sweep:\n  grid: {peft.rank: [2]}\n", name="other.yaml")
+def test_directory_of_another_sweep_is_refused(cli, play_files, tmp_path):
+    plan(str(write_spec(play_files, tmp_path, "sweep:\n  grid: {peft.rank: [1]}\n")), tmp_path / "s")
+    other = write_spec(play_files, tmp_path, "sweep:\n  grid: {peft.rank: [2]}\n", name="other.yaml")
     with pytest.raises(PeftjaxError, match="belongs to another sweep"):
         plan(str(other), tmp_path / "s")
-    proc = peftjax("sweep", str(other), "--out", str(tmp_path / "s"))
+    proc = cli("sweep", str(other), "--out", str(tmp_path / "s"))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("peftjax: error:")
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -8,8 +8,8 @@ import pytest
 
 from peftjax.generate import greedy_generate
 from peftjax.models import KVCache
-from tests.conftest import fixture_path
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def test_kv_cache_decoding_matches_full_forward():
@@ -43,7 +43,7 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(fixture_path):
     return json.loads(fixture_path("smollm2_reference.json").read_text())
 
 

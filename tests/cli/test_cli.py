@@ -1,36 +1,12 @@
 """The CLI end to end on a tiny model, and its answers to bad input: one line, exit 2, nothing written."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-TINY = ["--set", "model.name=tiny", "--set", "data.seq_len=32", "--set", "train.batch_size=2",
-        "--set", "data.max_eval_blocks=4", "--no-progress"]
-PLAY = "Enter two lords.\nFIRST LORD. What news, my lord?\nSECOND LORD. The king is dead; long live the king.\n"
 
-
-def peftjax(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture
-def config(tmp_path):
-    """A tiny-model config over three small local 'plays' (one held out)."""
-    files = []
-    for i in range(3):
-        files.append(tmp_path / f"play{i}.txt")
-        files[-1].write_text(PLAY * 8)
-    path = tmp_path / "c.yaml"
-    path.write_text("name: t\npeft: {method: lora, rank: 4}\ntrain: {steps: 4, learning_rate: 0.01}\n"
-                    f"data: {{dataset: files, eval_docs: 1, files: [{', '.join(map(str, files))}]}}\n")
-    return path
-
-
-def test_train_writes_run_directory(tmp_path, config):
+def test_train_writes_run_directory(cli, tiny_args, tmp_path, config):
     out = tmp_path / "run"
-    proc = peftjax("train", str(config), *TINY, "--out", str(out))
+    proc = cli("train", str(config), *tiny_args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     for key in ("method", "rank", "quant", "trainable_params", "total_params", "frozen_bytes", "trainable_bytes",
@@ -55,9 +31,9 @@ def test_train_writes_run_directory(tmp_path, config):
     (["--set", "train.steps=ten"], "config key train.steps must be int"),
     (["--set", "peft.method=lorax"], "unknown PEFT method 'lorax'; registered methods:"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, config, extra, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, tiny_args, tmp_path, config, extra, message):
     out = tmp_path / "run"
-    proc = peftjax("train", str(config), *TINY, *extra, "--out", str(out))
+    proc = cli("train", str(config), *tiny_args, *extra, "--out", str(out))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peftjax: error: "), proc.stderr
@@ -65,16 +41,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, config, extra
     assert not out.exists()
 
 
-def test_missing_config_file(tmp_path):
-    proc = peftjax("train", str(tmp_path / "nope.yaml"))
+def test_missing_config_file(cli, tmp_path):
+    proc = cli("train", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "config file" in proc.stderr and "not found" in proc.stderr
 
 
-def test_existing_run_directory_is_not_overwritten(tmp_path, config):
+def test_existing_run_directory_is_not_overwritten(cli, tiny_args, tmp_path, config):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    proc = peftjax("train", str(config), *TINY, "--out", str(out))
+    proc = cli("train", str(config), *tiny_args, "--out", str(out))
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
@@ -83,10 +59,10 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, config):
                                     ["peft.method=prompt", "peft.num_tokens=4"], ["peft.method=vera"],
                                     ["peft.method=lora", "peft.dora=true"], ["peft.method=selective"],
                                     ["peft.method=full"]])
-def test_every_method_trains_from_yaml(tmp_path, config, method):
+def test_every_method_trains_from_yaml(cli, tiny_args, tmp_path, config, method):
     out = tmp_path / "run"
     sets = [arg for kv in method for arg in ("--set", kv)]
-    proc = peftjax("train", str(config), *TINY, *sets, "--set", "train.steps=2", "--out", str(out))
+    proc = cli("train", str(config), *tiny_args, *sets, "--set", "train.steps=2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method[0].split("=")[1] and 0 < summary["trainable_params"]

@@ -10,7 +10,8 @@ from peftjax.errors import PeftjaxError
 from peftjax.peft import LoRAConfig, LoRALinear
 from peftjax.variables import LoRA
 from peftjax.train import lm_loss
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def test_lora_closed_form():

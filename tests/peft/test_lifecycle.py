@@ -11,8 +11,8 @@ from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.vera import VeRAConfig
 from peftjax.quant.policy import QuantRule, quantize_model
-from tests.helpers import random_blocks, tiny_model
-from tests.test_peft_methods import randomise
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 MERGEABLE = {"lora": peft.LoRAConfig(rank=4), "dora": peft.LoRAConfig(rank=4, dora=True),
              "ia3": peft.IA3Config(), "vera": VeRAConfig(rank=4)}
@@ -23,7 +23,7 @@ def weights(model):
 
 
 @pytest.mark.parametrize("name", list(MERGEABLE))
-def test_merged_forward_equals_unmerged_and_unmerge_restores_w(name):
+def test_merged_forward_equals_unmerged_and_unmerge_restores_w(randomise, name):
     model = randomise(peft.apply(tiny_model(), MERGEABLE[name]), peft.Adapter)
     ids = random_blocks(2, 8)
     merged, report = peft.merge(model)
@@ -41,7 +41,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores_w(name):
 
 
 @pytest.mark.parametrize("name", list(MERGEABLE))
-def test_merge_into_quantized_base_requantizes_and_reports_the_error(name):
+def test_merge_into_quantized_base_requantizes_and_reports_the_error(randomise, name):
     base = quantize_model(tiny_model(), [QuantRule(format="nf4", block_size=64)])
     config = dataclasses.replace(MERGEABLE[name], targets="q_proj")
     model = randomise(peft.apply(base, config), peft.Adapter)
@@ -60,7 +60,7 @@ def test_merging_a_method_that_cannot_merge(config):
         peft.merge(peft.apply(tiny_model(), config))
 
 
-def test_disable_adapters_gives_the_base_and_restores():
+def test_disable_adapters_gives_the_base_and_restores(randomise):
     base, ids = tiny_model(), random_blocks(2, 8)
     model = randomise(peft.apply(base, peft.LoRAConfig(rank=4)), peft.LoRA)
     adapted = model(ids)
@@ -69,15 +69,15 @@ def test_disable_adapters_gives_the_base_and_restores():
     np.testing.assert_array_equal(model(ids), adapted)
 
 
-def two_adapters():
+def two_adapters(randomise):
     model = peft.apply(tiny_model(), peft.LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
     model = peft.add_adapter(model, "two", peft.LoRAConfig(rank=2, alpha=4.0, targets=("v_proj", "down_proj"),
                                                            seed=1))
     return randomise(model, peft.LoRA)
 
 
-def test_named_adapters_and_mixed_batch_match_per_example_passes():
-    model, ids = two_adapters(), random_blocks(3, 7)
+def test_named_adapters_and_mixed_batch_match_per_example_passes(randomise):
+    model, ids = two_adapters(randomise), random_blocks(3, 7)
     assert sorted(peft.adapter_names(model)) == ["default", "two"]
     outs = {}
     for name in ("default", "two", None):
@@ -94,8 +94,8 @@ def test_named_adapters_and_mixed_batch_match_per_example_passes():
         peft.set_adapter(model, "three")
 
 
-def test_weighted_combination_linear_and_svd():
-    model, ids = two_adapters(), random_blocks(2, 7)
+def test_weighted_combination_linear_and_svd(randomise):
+    model, ids = two_adapters(randomise), random_blocks(2, 7)
     layer = model.layers[0].self_attn.v_proj
     combined = peft.combine_adapters(model, {"default": 0.5, "two": 2.0}, "mix")
     delta = combined.layers[0].self_attn.v_proj.adapters["mix"].delta_weight()

@@ -4,13 +4,12 @@ import pytest
 
 from peftjax import peft
 from peftjax.generate import greedy_generate
-from tests.helpers import tiny_model
-from tests.test_peft_methods import randomise
+from peftjax.models import tiny_model
 
 
 @pytest.mark.parametrize("config", [peft.PromptConfig(num_tokens=3), peft.PrefixConfig(num_tokens=3),
                                     peft.LoRAConfig(rank=2)], ids=["prompt", "prefix", "lora"])
-def test_generate_with_active_adapters_matches_full_forward(config):
+def test_generate_with_active_adapters_matches_full_forward(randomise, config):
     model = peft.apply(tiny_model(), config)
     if isinstance(config, peft.LoRAConfig):
         randomise(model, peft.LoRA)

@@ -10,13 +10,11 @@ from peftjax.data import (index_batches, load_records, polarity_records, render_
 from peftjax.errors import PeftjaxError
 from peftjax.models.tokenizer import byte_tokenizer
 
-CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def _tok():
+@pytest.fixture
+def tok(chat_template):
+    """The byte tokenizer with a small chat template."""
     tok = byte_tokenizer()
-    tok.chat_template = CHAT
+    tok.chat_template = chat_template
     return tok
 
 
@@ -25,8 +23,7 @@ def _targets(rows, r):
     return rows.tokens[r, 1:][rows.loss_mask[r] > 0].tolist()
 
 
-def test_sft_mask_covers_exactly_the_response_and_eos():
-    tok = _tok()
+def test_sft_mask_covers_exactly_the_response_and_eos(tok):
     rows = sft_rows([{"prompt": "What is 2+2?", "response": "Four."}], tok, seq_len=64)
     assert _targets(rows, 0) == tok.encode("Four.\n") + [tok.eos_id]
     rendered = tok.encode("<user>What is 2+2?\n<assistant>Four.\n") + [tok.eos_id]
@@ -34,8 +31,7 @@ def test_sft_mask_covers_exactly_the_response_and_eos():
     assert rows.loss_mask[0].sum() == len(tok.encode("Four.\n")) + 1  # padding and prompt count nothing
 
 
-def test_chat_mask_covers_every_assistant_turn_only():
-    tok = _tok()
+def test_chat_mask_covers_every_assistant_turn_only(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
                 {"role": "assistant", "content": "Ciao"}]
@@ -46,16 +42,14 @@ def test_chat_mask_covers_every_assistant_turn_only():
     assert _targets(rows, 0) == tok.encode("Hello\nCiao\n") + [tok.eos_id]
 
 
-def test_sft_truncation_and_missing_fields_are_clear():
-    tok = _tok()
+def test_sft_truncation_and_missing_fields_are_clear(tok):
     with pytest.raises(PeftjaxError, match="cut off at data.seq_len=8"):
         sft_rows([{"prompt": "a long prompt here", "response": "yes"}], tok, seq_len=8)
     with pytest.raises(PeftjaxError, match="record has no field 'response'"):
         sft_rows([{"prompt": "p", "answer": "a"}], tok, seq_len=32)
 
 
-def test_verbalizer_rows_put_the_label_word_after_the_template():
-    tok = _tok()
+def test_verbalizer_rows_put_the_label_word_after_the_template(tok):
     rows = verbalizer_rows([{"text": "great", "label": "pos"}, {"text": "awful film", "label": "neg"}], tok,
                            seq_len=32, template="Review: {text}\nSentiment: ", labels=["neg", "pos"],
                            label_words=["bad", "good"])  # byte tokens: the first token of a word is its letter

@@ -7,7 +7,8 @@ from peftjax import partition, peft
 from peftjax.config import from_dict
 from peftjax.quant.policy import FakeQuantLinear, QuantRule, qat_model, quantize_model
 from peftjax.train import lm_loss, make_optimizer, make_train_step
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 SPEC = QuantRule(format="int3", block_size=64)
 

@@ -8,7 +8,6 @@ import pytest
 
 from peftjax.quant import FORMATS, DoubleQuantScales, dequantize, quantize, unpack_bits
 from peftjax.quant.double_quant import binned_encode, cascade_mean
-from tests.conftest import fixture_path
 
 # bitsandbytes.functional.get_4bit_type("nf4"), as printed in its source
 BNB_NF4 = np.array([
@@ -21,7 +20,7 @@ CASES = range(16)
 
 
 @pytest.fixture(scope="module")
-def bnb():
+def bnb(fixture_path):
     with np.load(fixture_path("bnb_4bit_reference.npz")) as data:
         return dict(data)
 

@@ -7,7 +7,8 @@ from peftjax import partition, peft
 from peftjax.config import from_dict
 from peftjax.peft import LoRAConfig
 from peftjax.train import make_optimizer, make_train_step
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def _setup(steps=30, lr=1e-2):

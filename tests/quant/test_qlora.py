@@ -12,7 +12,8 @@ from peftjax.quant import QArray, dequantize, get_format
 from peftjax.quant.policy import QuantizedLinear, QuantRule, quantize_model, quantized_matmul
 from peftjax.train import lm_loss, make_optimizer, make_train_step
 from peftjax.config import from_dict
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def test_policy_quantizes_linears_only_and_first_rule_wins():

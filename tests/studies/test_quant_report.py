@@ -6,7 +6,8 @@ import pytest
 
 from peftjax.cli import main
 from peftjax.studies.quant_report import format_table, parse_format_spec, quant_report
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def test_quant_report_on_the_tiny_model():

@@ -9,12 +9,12 @@ from safetensors.numpy import load_file
 from peftjax.errors import PeftjaxError
 from peftjax.peft import LoRAConfig, apply, disable_adapters
 from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_model
-from tests.conftest import fixture_path
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 @pytest.mark.slow
-def test_fixture_adapter_matches_hf_peft_logits():
+def test_fixture_adapter_matches_hf_peft_logits(fixture_path):
     from peftjax.models import from_pretrained
 
     adapter_dir = fixture_path("peft_lora_adapter")
@@ -30,9 +30,8 @@ def test_fixture_adapter_matches_hf_peft_logits():
 
 
 def _tiny_adapter_dir(tmp_path):
-    adapter_dir = fixture_path("peft_lora_adapter")
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    model = apply(tiny_model(), LoRAConfig(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=("q_proj", "v_proj")))
+    """A tiny-model LoRA with the reference adapter's settings (r=4, alpha=8, q/v), saved in PEFT's format."""
+    model = apply(tiny_model(), LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
     for layer in [model.layers[i].self_attn.q_proj for i in range(2)] + [model.layers[1].self_attn.v_proj]:
         layer.lora_b.set_value(np.random.default_rng(0).normal(0, 0.02, layer.lora_b.shape).astype(np.float32))
     return model, save_hf_adapter(model, tmp_path / "adapter")

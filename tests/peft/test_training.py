@@ -7,7 +7,9 @@ from flax import nnx
 from peftjax import partition, peft
 from peftjax.variables import Trainable
 from peftjax.peft.vera import VeRA, VeRAConfig
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
+from peftjax.quant.policy import QuantRule, quantize_model
 
 METHODS = {
     "lora": (peft.LoRAConfig(rank=4), peft.LoRA),
@@ -92,3 +94,9 @@ def test_lora_dropout_inside_a_jitted_step_uses_the_step_key():
     assert float(a) == float(loss_with_key(trainable, jax.random.key(0)))
     grads = jax.grad(loss_with_key)(trainable, jax.random.key(0))
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_on_quantized_base(name):
+    """Every method on an NF4 base: only its parameters get gradients, and it trains."""
+    check_method(name, quantize_model(tiny_model(num_layers=1), [QuantRule(format="nf4", block_size=64)]))

@@ -6,7 +6,8 @@ import pytest
 from peftjax.peft import LoRAConfig, apply
 from peftjax.peft.hf import save_hf_adapter, save_hf_model
 from peftjax.quant.policy import QuantRule, quantize_model
-from tests.helpers import random_blocks, tiny_model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 torch = pytest.importorskip("torch", reason="the interop extra (torch, peft, transformers) is not installed")
 transformers = pytest.importorskip("transformers")

@@ -17,8 +17,8 @@ from peftjax.models.tokenizer import byte_tokenizer
 from peftjax.peft import LoRAConfig
 from peftjax.train import (TaskData, decay_mask, evaluate, load_run, make_eval_fn, make_optimizer, make_schedule,
                            make_train_step, param_groups, run)
-from tests.helpers import random_blocks, tiny_model
-from tests.test_data_tasks import CHAT
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 def _lora():
@@ -129,33 +129,33 @@ def test_verbalizer_accuracy_matches_a_direct_computation():
     assert got["eval_loss"] == pytest.approx(float(ce.mean()), rel=1e-5)  # 9 rows, padded last batch counts nothing
 
 
-def _sft_config(tmp_path, **train):
+def _sft_config(chat_template, tmp_path, **train):
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"add {i} and {i}", "response": f"{2 * i}"}) + "\n"
                             for i in range(12)))
     return from_dict({"name": "sft", "model": {"name": "tiny"}, "peft": {"rank": 4},
                       "data": {"task": "sft", "dataset": "files", "files": [str(path)], "seq_len": 32,
-                               "eval_docs": 4, "chat_template": CHAT},
+                               "eval_docs": 4, "chat_template": chat_template},
                       "train": {"steps": 6, "batch_size": 2, "learning_rate": 0.01, "eval_every": 3,
                                 "save_every": 2, **train}})
 
 
-def test_sft_run_end_to_end_and_load_run(tmp_path):
+def test_sft_run_end_to_end_and_load_run(chat_template, tmp_path):
     out = tmp_path / "run"
-    summary = run(_sft_config(tmp_path, grad_accum=2), out, progress=False)
+    summary = run(_sft_config(chat_template, tmp_path, grad_accum=2), out, progress=False)
     assert summary["task"] == "sft" and summary["eval_ppl_after"] == pytest.approx(np.exp(summary["eval_loss_after"]))
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     model, tok = load_run(out)
-    assert tok.chat_template == CHAT
+    assert tok.chat_template == chat_template
     _, restored, _ = partition.split(model)
     meta = json.loads((out / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["step"] == 6 and meta["data_position"] == 12
     assert partition.param_count(restored) == summary["trainable_params"]
 
 
-def test_nonfinite_run_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nonfinite_run_stops_with_last_good_checkpoint(chat_template, tmp_path, monkeypatch):
     original = TaskData.train_batch
     calls = []
 
@@ -169,15 +169,15 @@ def test_nonfinite_run_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(TaskData, "train_batch", poisoned)
     out = tmp_path / "run"
     with pytest.raises(PeftjaxError, match=r"stopped at step 7: 3 non-finite .* Last good checkpoint: step 4 in"):
-        run(_sft_config(tmp_path, steps=20, max_nonfinite=3, eval_every=0), out, progress=False)
+        run(_sft_config(chat_template, tmp_path, steps=20, max_nonfinite=3, eval_every=0), out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [False] * 4 + [True] * 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     assert not (out / "summary.json").exists()
 
 
-def test_resume_with_a_different_config_names_the_key(tmp_path):
-    config = _sft_config(tmp_path, steps=2, save_every=0, eval_every=0)
+def test_resume_with_a_different_config_names_the_key(chat_template, tmp_path):
+    config = _sft_config(chat_template, tmp_path, steps=2, save_every=0, eval_every=0)
     run(config, tmp_path / "run", progress=False)
     changed = from_dict({**_as_dict(config), "train": {**_as_dict(config)["train"], "learning_rate": 0.5}})
     with pytest.raises(PeftjaxError, match=r"--resume: train.learning_rate is 0.01 in .* but 0.5 now"):

@@ -9,17 +9,8 @@ from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
 from peftjax.peft.vera import VeRAConfig, VeRALinear
 from peftjax.quant import dequantize, fake_quant, quantize
-from tests.helpers import random_blocks, tiny_model
-
-
-def randomise(model, var_type, seed=3, scale=0.1):
-    """Perturb every ``var_type`` variable so that updates are non-trivial."""
-    state = nnx.state(model, var_type)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape)
-                                                   for k, x in zip(keys, leaves)]))
-    return model
+from peftjax.data import random_blocks
+from peftjax.models import tiny_model
 
 
 @pytest.mark.parametrize("config", [peft.LoRAConfig(rank=4, dora=True), peft.LoRAConfig(rank=4, init="gaussian"),
@@ -30,7 +21,7 @@ def test_identity_initialised_adapters_leave_output_unchanged(config):
     np.testing.assert_allclose(peft.apply(base, config)(ids), base(ids), rtol=1e-6, atol=1e-6)
 
 
-def test_dora_closed_form():
+def test_dora_closed_form(randomise):
     model = randomise(peft.apply(tiny_model(), peft.LoRAConfig(rank=4, alpha=8.0, dora=True, targets="q_proj")),
                       peft.LoRA)
     layer = model.layers[0].self_attn.q_proj
@@ -41,7 +32,7 @@ def test_dora_closed_form():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_dropout_masks_the_adapter_input_only_while_a_key_is_set():
+def test_lora_dropout_masks_the_adapter_input_only_while_a_key_is_set(randomise):
     model = randomise(peft.apply(tiny_model(), peft.LoRAConfig(rank=4, alpha=8.0, dropout=0.5, targets="q_proj")),
                       peft.LoRA)
     layer = model.layers[0].self_attn.q_proj
@@ -70,7 +61,7 @@ def test_qat_lora_dropout_leaves_the_frozen_base_path_unmasked():
     np.testing.assert_allclose(layer(x, jax.random.key(3)), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_qat_composes_with_dora():
+def test_qat_composes_with_dora(randomise):
     """QAT + DoRA trains against fake_quant of DoRA's merged weight m * V / ||V||."""
     model = randomise(peft.apply(tiny_model(), peft.LoRAConfig(rank=4, dora=True, qat_format="nf4",
                                                               targets="v_proj")), peft.LoRA)
@@ -118,7 +109,7 @@ def test_rank_and_alpha_patterns_and_layers_to_transform():
     assert (attn.k_proj.rank, attn.k_proj.scale) == (4, 2.0)
 
 
-def test_ia3_closed_form():
+def test_ia3_closed_form(randomise):
     model = randomise(peft.apply(tiny_model(), peft.IA3Config()), peft.IA3)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     x = jax.random.normal(jax.random.key(0), (3, attn.k_proj.d_in))
@@ -199,7 +190,7 @@ def test_selective_all_linear_means_linear_weights_only():
     assert len(paths) == 2 * 7 and all(p.endswith("_proj.weight") for p in paths)
 
 
-def test_vera_closed_form():
+def test_vera_closed_form(randomise):
     model = randomise(peft.apply(tiny_model(), VeRAConfig(rank=4, targets=("q_proj", "up_proj"))), peft.Adapter)
     q, up = model.layers[0].self_attn.q_proj, model.layers[1].mlp.up_proj
     assert isinstance(q, VeRALinear)

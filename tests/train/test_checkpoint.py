@@ -18,26 +18,17 @@ from peftjax.train.checkpoint import Checkpointer
 from peftjax.config import from_dict
 from peftjax.errors import PeftjaxError
 from peftjax.train import load_run, make_optimizer, build_model
-from tests.test_cli import PLAY, peftjax
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _files(tmp_path):
-    files = []
-    for i in range(3):
-        files.append(tmp_path / f"play{i}.txt")
-        files[-1].write_text(PLAY * 8)
-    return files
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config_file(tmp_path, steps):
+def _config_file(tmp_path, files, steps):
     path = tmp_path / "c.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: k
         model: {{name: tiny}}
         peft: {{method: lora, rank: 4, dropout: 0.1}}  # dropout: the resumed run must draw the same masks
-        data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 2, files: [{', '.join(map(str, _files(tmp_path)))}]}}
+        data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 2, files: [{', '.join(map(str, files))}]}}
         train: {{steps: {steps}, batch_size: 2, learning_rate: 0.01, warmup_steps: 5, grad_accum: 2,
                  save_every: 10, keep_checkpoints: 2, log_every: 1}}
         """))
@@ -49,8 +40,8 @@ def _trainable(run_dir):
     return jax.tree.leaves(trainable)
 
 
-def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
-    config = _config_file(tmp_path, steps=80)
+def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(cli, play_files, tmp_path):
+    config = _config_file(tmp_path, play_files, steps=80)
     full, killed = tmp_path / "full", tmp_path / "killed"
     cmd = [sys.executable, "-m", "peftjax.cli", "train", str(config), "--no-progress"]
     proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,9 +60,9 @@ def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(tmp_
     last = Checkpointer(killed / "checkpoints").latest_step()
     assert last is not None and 10 <= last < 80
 
-    resumed = peftjax("train", str(config), "--no-progress", "--out", str(killed), "--resume")
+    resumed = cli("train", str(config), "--no-progress", "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    done = peftjax("train", str(config), "--no-progress", "--out", str(full))
+    done = cli("train", str(config), "--no-progress", "--out", str(full))
     assert done.returncode == 0, done.stderr
 
     summary = json.loads((killed / "summary.json").read_text())
@@ -102,9 +93,11 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
         import orbax.checkpoint as ocp
         from peftjax.train.checkpoint import Checkpointer
         from peftjax.config import from_dict
-        from tests.test_checkpoint import TINY, _state
-        config = from_dict(TINY)
-        trainable, opt_state = _state(config)
+        from peftjax import partition
+        from peftjax.train import build_model, make_optimizer
+        config = from_dict({TINY!r})
+        _, trainable, _ = partition.split(build_model(config)[0])
+        opt_state = make_optimizer(config.train).init(trainable)
         c = Checkpointer({str(ckpt)!r})
         c.save(1, trainable, opt_state, config=config, data_position=1)
         original = ocp.JsonCheckpointHandler._save_fn
