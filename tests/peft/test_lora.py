@@ -50,8 +50,17 @@ def test_all_linear_targets_every_projection():
     _, trainable, _ = partition.split(model)
     paths = {".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(trainable)}
     assert len(paths) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
-    # 50x50 seed example of the parameter cut: r=2 trains 2*50*2 = 200 instead of 2500
-    assert 2 * 50 * 2 == 200 and 1 - 200 / 2500 == pytest.approx(0.92)
+
+
+
+def test_a_50x50_rank_2_layer_trains_8_percent_of_its_weights():
+    """LoRA's parameter cut on a real layer: r (d_in + d_out) = 200 trainable against d_in d_out = 2500 frozen."""
+    from peftjax.models import Linear
+
+    layer = Linear(50, 50, rngs=nnx.Rngs(0))
+    totals = peft.summary(LoRALinear(layer, rank=2, alpha=4.0, rslora=False, key=jax.random.key(0)),
+                          print_fn=lambda _: None)
+    assert totals["trainable"] == 200 and totals["base"] == 2500 and totals["percent_cut"] == pytest.approx(92.0)
 
 
 def test_gradients_only_for_trainable_tree():
@@ -66,9 +75,6 @@ def test_gradients_only_for_trainable_tree():
     flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
     assert all(float(jnp.abs(g).max()) > 0 for k, g in flat.items() if k.endswith("lora_b"))
     assert all(float(jnp.abs(g).max()) == 0 for k, g in flat.items() if k.endswith("lora_a"))
-    # the frozen base is a constant of the differentiated function: its weights never appear as jaxpr outputs
-    jaxpr = jax.make_jaxpr(jax.grad(lm_loss, argnums=1))(graphdef, trainable, frozen, blocks)
-    assert len(jaxpr.jaxpr.outvars) == len(jax.tree.leaves(trainable))
 
 
 def test_rule_matching_nothing_lists_paths():

@@ -8,6 +8,8 @@ from flax import nnx
 from peftjax.studies import memory as M
 from peftjax import partition, peft
 from peftjax.cli import main
+from peftjax.config import from_dict
+from peftjax.train import lm_loss, make_optimizer
 from peftjax.models import LlamaConfig, LlamaForCausalLM
 from peftjax.peft.lora import LoRAConfig
 
@@ -51,10 +53,16 @@ def test_memory_ordering_and_the_65b_qlora_claim():
 def test_tiny_parts_are_exact_sizes():
     e = M.estimate("tiny", "lora", rank=4, weight_dtype="float32", batch_size=2, seq_len=16)
     model = LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-    _, trainable, frozen = partition.split(peft.apply(model, LoRAConfig(rank=4)))
+    graphdef, trainable, frozen = partition.split(peft.apply(model, LoRAConfig(rank=4)))
     assert e.adapter == partition.tree_nbytes(trainable)
     assert e.weights == partition.tree_nbytes(frozen)
-    assert e.gradients == e.adapter and e.optimizer == 2 * e.adapter
+    # gradients and optimizer state as the framework's own loss and AdamW build them (shapes only, nothing runs)
+    blocks = jax.ShapeDtypeStruct((2, 17), jax.numpy.int32)
+    grads = jax.eval_shape(lambda t, f, b: jax.grad(lm_loss, argnums=1)(graphdef, t, f, b), trainable, frozen, blocks)
+    opt_state = jax.eval_shape(make_optimizer(from_dict({}).train).init, trainable)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if x.ndim > 0)  # noqa: E731
+    assert e.gradients == nbytes(grads)
+    assert e.optimizer == nbytes(opt_state)  # AdamW's two moments (its scalar step count aside)
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "qlora"])
