@@ -37,11 +37,12 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
-from peftjax.peft.merge import requantize_like
 from peftjax.peft.registry import register_method
 from peftjax.variables import LoRA, Quantized
 from peftjax.peft.wrapper import AdapterLinear
-from peftjax.quant import dequantize, fake_quant, get_format, quantize
+from peftjax.quant import get_format
+from peftjax.quant.policy import (QuantizedLinear, QuantRule, dequantize_kernel, fake_quant_kernel,
+                                  quantize_kernel)
 from peftjax.rules import modules_of_type, pattern_matches
 from peftjax.surgery import check_rank, replace_matching
 
@@ -104,8 +105,8 @@ def loftq_init(w_DO: jax.Array, rank: int, scale: float, fmt: str, block_size: i
     a = jnp.zeros((w_DO.shape[0], rank), jnp.float32)
     b = jnp.zeros((rank, w_DO.shape[1]), jnp.float32)
     for _ in range(max(iters, 1)):
-        q = quantize(w_DO - lora_weight(a, b, scale), fmt, block_size=block_size)
-        a, b = svd_factors(w_DO - dequantize(q, jnp.float32), rank, scale)
+        q = quantize_kernel(w_DO - lora_weight(a, b, scale), fmt, block_size=block_size)
+        a, b = svd_factors(w_DO - dequantize_kernel(q, jnp.float32), rank, scale)
     return q, a, b
 
 
@@ -220,7 +221,8 @@ class LoRALinear(AdapterLinear):
         if self.qat is None:
             return self.variant.forward(self, x, adapter_x)
         fmt, block_size = self.qat
-        w = fake_quant(self.variant.merged_weight(self, self.base.kernel(jnp.float32)), fmt, block_size=block_size)
+        w = fake_quant_kernel(self.variant.merged_weight(self, self.base.kernel(jnp.float32)), fmt,
+                              block_size=block_size)
         y = x @ w.astype(x.dtype)
         if adapter_x is not x:
             y = y + self.variant.adapter_out(self, adapter_x) - self.variant.adapter_out(self, x)
@@ -259,7 +261,7 @@ def pissa_init(layer: LoRALinear, config: "LoRAConfig") -> None:
     a, b = svd_factors(w, layer.rank, layer.scale)
     residual = w - lora_weight(a, b, layer.scale)
     if isinstance(base.weight, Quantized):
-        base.weight = Quantized(requantize_like(residual, base.weight.get_value()))
+        base.weight = Quantized(base.requantized(residual))
     else:
         base.weight = nnx.Param(residual.astype(base.weight[...].dtype))
     layer.lora_a.set_value(a)
@@ -272,8 +274,6 @@ def loftq_layer_init(layer: LoRALinear, config: "LoRAConfig") -> None:
     if isinstance(base.weight, Quantized):
         raise PeftjaxError("LoftQ needs the full-precision base: apply LoRA(init='loftq') before quantizing, "
                            "it quantizes the base itself (loftq_format)")
-    from peftjax.quant.policy import QuantizedLinear, QuantRule
-
     q, a, b = loftq_init(base.kernel(jnp.float32), layer.rank, layer.scale, config.loftq_format,
                          config.loftq_block_size, config.loftq_iters)
     quantized = QuantizedLinear(base, QuantRule(format=config.loftq_format, block_size=config.loftq_block_size))

@@ -16,7 +16,7 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 from peftjax.variables import Quantized
 from peftjax.peft.wrapper import AdapterLinear, AdapterModule
-from peftjax.quant import dequantize, quantize
+from peftjax.quant import quantize
 from peftjax.rules import path_str
 
 
@@ -33,11 +33,9 @@ def _rewrite_base(layer: AdapterLinear, fn) -> float:
     """Replace the base weight W by fn(W); the added quantization error (0 for a dense base)."""
     weight = layer.base.weight
     if isinstance(weight, Quantized):
-        q = weight.get_value()
-        exact = fn(dequantize(q, jnp.float32))
-        new = requantize_like(exact, q)
-        layer.base.weight = Quantized(new)
-        return float(jnp.abs(dequantize(new, jnp.float32) - exact).max())
+        exact = fn(layer.base.kernel(jnp.float32))
+        layer.base.weight = Quantized(layer.base.requantized(exact))
+        return float(jnp.abs(layer.base.kernel(jnp.float32) - exact).max())
     layer.base.weight = nnx.Param(fn(weight[...]))
     return 0.0
 

@@ -68,10 +68,35 @@ def _after(q, x):
     return jax.tree.map(depend, q)
 
 
+def _stored_axis(axis: int | None) -> int | None:
+    """``axis`` of the (d_in, d_out) weight, as an axis of its stored (d_out, d_in) transpose."""
+    return None if axis is None else 1 - axis % 2
+
+
+def quantize_kernel(w_DO: jax.Array, fmt: str, *, axis: int | None = None, **kwargs):
+    """A linear layer's (d_in, d_out) weight quantized in the (d_out, d_in) layout torch and bitsandbytes store: the
+    row-major blocks of ``block_size`` then run along the *input* dimension, so a checkpoint's NF4 base is
+    bitsandbytes' base of the same weight (``bnb.nn.Params4bit``). ``axis`` names an axis of the (d_in, d_out) weight
+    (``axis=1``: one scale per output channel)."""
+    return quantize(jnp.asarray(w_DO).T, fmt, axis=_stored_axis(axis), **kwargs)
+
+
+def dequantize_kernel(q, dtype=jnp.float32) -> jax.Array:
+    """The (d_in, d_out) weight a :func:`quantize_kernel` QArray stands for."""
+    return dequantize(q, dtype).T
+
+
+def fake_quant_kernel(w_DO: jax.Array, fmt: str, *, axis: int | None = None, **kwargs) -> jax.Array:
+    """:func:`fake_quant` of a (d_in, d_out) weight with the grouping of :func:`quantize_kernel` (QAT sees the
+    quantized model's blocks)."""
+    return fake_quant(w_DO.T, fmt, axis=_stored_axis(axis), **kwargs).T
+
+
 @jax.custom_vjp
 def quantized_matmul(x: jax.Array, q) -> jax.Array:
-    """x @ dequantize(q), differentiable in x; q is a constant (the frozen base)."""
-    return x @ dequantize(_after(q, x), x.dtype)
+    """x @ W for W stored by :func:`quantize_kernel` (dequantized inside the matmul), differentiable in x; q is a
+    constant (the frozen base)."""
+    return x @ dequantize(_after(q, x), x.dtype).T
 
 
 def _qmm_fwd(x, q):
@@ -85,25 +110,30 @@ def _zero_cotangent(leaf):
 
 
 def _qmm_bwd(q, g):
-    return g @ dequantize(_after(q, g), g.dtype).T, jax.tree.map(_zero_cotangent, q)
+    return g @ dequantize(_after(q, g), g.dtype), jax.tree.map(_zero_cotangent, q)
 
 
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 
 class QuantizedLinear(Linear):
-    """A linear layer whose frozen weight is stored quantized and dequantized on the fly; ``rule`` is the index of
-    the policy rule that quantized it (for per-rule reports)."""
+    """A linear layer whose frozen weight is stored quantized (by :func:`quantize_kernel`: the (d_out, d_in) layout,
+    blocks along the input dimension, as bitsandbytes) and dequantized on the fly; ``rule`` is the index of the
+    policy rule that quantized it (for per-rule reports)."""
 
     def __init__(self, base: Linear, rule: QuantRule, *, name: str = "weight", rule_index: int = 0):
         self.d_in, self.d_out = base.d_in, base.d_out
         self.format = rule.format
         self.rule = rule_index
-        self.weight = Quantized(quantize(base.weight[...], name=name, **rule.quantize_kwargs()))
+        self.weight = Quantized(quantize_kernel(base.weight[...], name=name, **rule.quantize_kwargs()))
         self.bias = base.bias
 
     def kernel(self, dtype) -> jax.Array:
-        return dequantize(self.weight.get_value(), dtype)
+        return dequantize_kernel(self.weight.get_value(), dtype)
+
+    def requantized(self, w_DO: jax.Array):
+        """``w_DO`` quantized with this layer's whole spec and layout (after a merge, PiSSA or LoftQ)."""
+        return quantize(jnp.asarray(w_DO).T, **self.weight.get_value().spec)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         y = quantized_matmul(x, self.weight.get_value())
@@ -157,7 +187,7 @@ class FakeQuantLinear(Linear):
 
     def kernel(self, dtype) -> jax.Array:
         kwargs = self.rule.quantize_kwargs()
-        w = fake_quant(self.weight[...].astype(jnp.float32), kwargs.pop("fmt"), **kwargs)
+        w = fake_quant_kernel(self.weight[...].astype(jnp.float32), kwargs.pop("fmt"), **kwargs)
         return w.astype(dtype)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from peftjax import partition
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
-from peftjax.quant import dequantize, known_formats
+from peftjax.quant import known_formats
 from peftjax.quant.policy import QuantizedLinear, QuantRule, quantize_model
 from peftjax.rules import modules_of_type
 
@@ -47,7 +47,7 @@ def layer_errors(model, quantized) -> list[LayerError]:
     for path, layer in modules_of_type(quantized, QuantizedLinear).items():
         q = layer.weight.get_value()
         w = dense[path].weight[...].astype(jnp.float32)
-        err = float(jnp.linalg.norm(dequantize(q, jnp.float32) - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
+        err = float(jnp.linalg.norm(layer.kernel(jnp.float32) - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
         rows.append(LayerError(path, q.size, q.nbytes, err))
     return rows
 

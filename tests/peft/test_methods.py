@@ -8,7 +8,7 @@ from flax import nnx
 from peftjax import partition, peft
 from peftjax.errors import PeftjaxError
 from peftjax.peft.vera import VeRAConfig, VeRALinear
-from peftjax.quant import dequantize, fake_quant, quantize
+from peftjax.quant.policy import dequantize_kernel, fake_quant_kernel, quantize_kernel
 from peftjax.data import random_blocks
 from peftjax.models import tiny_model
 
@@ -54,7 +54,7 @@ def test_qat_lora_dropout_leaves_the_frozen_base_path_unmasked():
     x = jax.random.normal(jax.random.key(0), (6, layer.d_in))
     np.testing.assert_array_equal(layer(x, jax.random.key(3)), layer(x))
     layer.lora_b.set_value(jax.random.normal(jax.random.key(1), layer.lora_b.shape))  # the adapter path is masked
-    W = fake_quant(layer.base.weight[...] + layer.delta_weight(), "int8", block_size=64)
+    W = fake_quant_kernel(layer.base.weight[...] + layer.delta_weight(), "int8", block_size=64)
     keep = jax.random.bernoulli(jax.random.fold_in(jax.random.key(3), layer.index), 0.5, x.shape)
     delta = lambda z: layer.scale * z @ layer.lora_a[...] @ layer.lora_b[...]  # noqa: E731
     expected = x @ W + delta(jnp.where(keep, 2 * x, 0)) - delta(x)
@@ -69,7 +69,7 @@ def test_qat_composes_with_dora(randomise):
     x = jax.random.normal(jax.random.key(2), (5, layer.d_in))
     V = layer.base.weight[...] + layer.delta_weight()
     merged = V * (layer.magnitude[...] / jnp.linalg.norm(V, axis=0))[None, :]
-    np.testing.assert_allclose(layer(x), x @ fake_quant(merged, "nf4", block_size=64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer(x), x @ fake_quant_kernel(merged, "nf4", block_size=64), rtol=1e-4, atol=1e-5)
 
 
 def test_pissa_factors_are_top_singular_directions_and_residual_keeps_w():
@@ -84,10 +84,10 @@ def test_pissa_factors_are_top_singular_directions_and_residual_keeps_w():
 
 def test_loftq_beats_plain_quantization():
     W = tiny_model().layers[0].mlp.up_proj.weight[...]
-    plain = float(jnp.linalg.norm(W - dequantize(quantize(W, "nf4", block_size=64), jnp.float32)))
+    plain = float(jnp.linalg.norm(W - dequantize_kernel(quantize_kernel(W, "nf4", block_size=64), jnp.float32)))
     model = peft.apply(tiny_model(), peft.LoRAConfig(rank=8, init="loftq", loftq_iters=3, targets="up_proj"))
     layer = model.layers[0].mlp.up_proj
-    approx = dequantize(layer.base.weight.get_value(), jnp.float32) + layer.delta_weight()
+    approx = layer.base.kernel(jnp.float32) + layer.delta_weight()
     assert float(jnp.linalg.norm(W - approx)) < 0.8 * plain
 
 

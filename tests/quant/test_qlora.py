@@ -33,7 +33,7 @@ def test_nf4_storage_is_packed_two_codes_a_byte():
     assert isinstance(q, QArray) and q.codes.dtype == jnp.uint8
     assert q.codes.size == base.layers[0].mlp.up_proj.weight.size // 2
     assert q.nbytes == q.codes.size + 4 * (q.size // 64)  # 4-bit codes + one float32 absmax per 64 weights
-    w = base.layers[0].mlp.up_proj.weight[...]
+    w = base.layers[0].mlp.up_proj.weight[...].T  # stored (d_out, d_in): blocks along the input dimension
     err = jnp.abs(dequantize(q) - w).reshape(-1, 64).max(axis=1)
     table = np.sort(get_format("nf4").table)
     half_gap = np.diff(table).max() / 2  # nearest-code rounding error is at most half the widest gap (x absmax)
@@ -44,9 +44,9 @@ def test_nf4_storage_is_packed_two_codes_a_byte():
 def test_quantized_matmul_gradient_matches_dense_dequantized():
     model = quantize_model(tiny_model(), [QuantRule(format="nf4")])
     q = model.layers[0].self_attn.o_proj.weight.get_value()
-    x = jax.random.normal(jax.random.key(0), (3, q.shape[0]))
+    x = jax.random.normal(jax.random.key(0), (3, q.shape[1]))  # q holds W^T, (d_out, d_in)
     g_custom = jax.grad(lambda x: jnp.sum(jnp.sin(quantized_matmul(x, q))))(x)
-    g_dense = jax.grad(lambda x: jnp.sum(jnp.sin(x @ dequantize(q))))(x)
+    g_dense = jax.grad(lambda x: jnp.sum(jnp.sin(x @ dequantize(q).T)))(x)
     np.testing.assert_allclose(g_custom, g_dense, rtol=1e-6, atol=1e-6)
 
 
