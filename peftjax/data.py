@@ -63,9 +63,9 @@ def lm_data(files: list[Path], tokenizer, *, seq_len: int, eval_docs: int, max_e
         if not Path(f).exists():
             raise PeftjaxError(f"data file {f} not found")
     train_files, eval_files = split_by_document([Path(f) for f in files], eval_docs)
-    from peftjax.assets import cache_dir
+    from peftjax.assets import writable_cache
 
-    cache = cache_dir() / "datasets"
+    cache = writable_cache("datasets")
     train = text_documents_to_blocks(train_files, tokenizer, seq_len + 1, cache)
     evals = text_documents_to_blocks(eval_files, tokenizer, seq_len + 1, cache)[:max_eval_blocks]
     if len(train) == 0 or len(evals) == 0:
@@ -116,10 +116,10 @@ def load_records(files: list[Path]) -> list[dict]:
     if None in kinds or len(kinds) != 1 or "text" in kinds:
         raise PeftjaxError(f"record tasks read .json, .jsonl, .csv or .parquet files (one kind per run), got "
                            f"{', '.join(Path(f).name for f in files)}")
-    from peftjax.assets import cache_dir
+    from peftjax.assets import writable_cache
 
     ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train",
-                               cache_dir=str(cache_dir() / "datasets"), keep_in_memory=True)
+                               cache_dir=str(writable_cache("datasets")), keep_in_memory=True)
     return ds.to_list()
 
 
