@@ -11,16 +11,38 @@ Each checkpoint is ``run/checkpoints/<step>/`` with three items:
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a process killed during a
 save leaves the previous checkpoint usable (the half-written one is ignored and cleaned up later). Restoring into a
 model whose identity differs raises :class:`PeftjaxError` naming the field that differs.
+
+Orbax checks its own index, not the values, so ``meta`` also holds the sha256 of every saved leaf's bytes; a restore
+compares them. A latest checkpoint that is corrupt or truncated is skipped with a one-line warning for the previous
+intact one; when none is intact (or an explicitly named step is corrupt) the error names the directory.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from peftjax.errors import PeftjaxError
+
+
+class CorruptCheckpoint(PeftjaxError):
+    """A checkpoint whose files cannot be read or whose leaves do not match their recorded sha256."""
+
+
+def leaf_hashes(leaves: list) -> list[str]:
+    """sha256 of each leaf's bytes (C order), what ``meta`` records and a restore checks."""
+    return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in leaves]
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
 
 def identity(config) -> dict:
     """What a checkpoint must match to be restored, as ``{"peft.rank": 8, ...}``: the base model, the quantization
@@ -70,41 +92,124 @@ class Checkpointer:
         o_leaves, o_specs = _flatten(opt_state)
         meta = {"step": step, "data_position": data_position, "seed": config.train.seed,
                 "rng": {"seed": config.train.seed, "step": step}, "identity": identity(config),
-                "trainable": t_specs, "opt_state": o_specs, **(extra or {})}
-        self._mgr.save(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardSave(t_leaves), opt_state=ocp.args.StandardSave(o_leaves),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self._mgr.wait_until_finished()
+                "trainable": t_specs, "opt_state": o_specs,
+                "sha256": {"trainable": leaf_hashes(t_leaves), "opt_state": leaf_hashes(o_leaves)}, **(extra or {})}
+        try:
+            self._mgr.save(step, args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(t_leaves), opt_state=ocp.args.StandardSave(o_leaves),
+                meta=ocp.args.JsonSave(meta)), force=True)
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a full disk or a read-only directory, wrapped by orbax
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            previous = [s for s in self.steps() if s < step]
+            kept = f"checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise PeftjaxError(f"could not save checkpoint {step} in {self.directory} ({cause.strerror or cause}); "
+                               f"{kept}: free space or fix the directory, then --resume") from None
         return directory_bytes(self.directory / str(step))
 
-    def restore(self, trainable, opt_state=None, *, config, step: int | None = None):
-        """(trainable, opt_state, meta) of checkpoint ``step`` (default: the latest), shaped like the given trees;
-        ``opt_state`` is restored only when given (None otherwise).
+    def steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def restore(self, trainable, opt_state=None, *, config, step: int | None = None, warn=None):
+        """(trainable, opt_state, meta) of checkpoint ``step`` (default: the latest intact one), shaped like the
+        given trees; ``opt_state`` is restored only when given (None otherwise).
 
         Raises :class:`PeftjaxError` when the checkpoint belongs to a different model (the differing field is
-        named) or when its leaves do not match ``trainable`` / ``opt_state``.
+        named) or when its leaves do not match ``trainable`` / ``opt_state``; :class:`CorruptCheckpoint` when
+        ``step`` (or, without ``step``, every checkpoint) is unreadable or fails its sha256. Without ``step`` a
+        corrupt latest checkpoint is skipped for the previous one with a one-line warning (``warn``, default:
+        stderr).
         """
+        if step is not None:
+            return self._restore_step(step, trainable, opt_state, config)
+        steps = self.steps()
+        if not steps:
+            raise PeftjaxError(f"no checkpoint in {self.directory}")
+        corrupt = []
+        for s in reversed(steps):
+            try:
+                result = self._restore_step(s, trainable, opt_state, config)
+            except CorruptCheckpoint as e:
+                corrupt.append(str(e))
+                continue
+            if corrupt:
+                (warn or _stderr)(f"peftjax: warning: {corrupt[0]}; using the previous intact checkpoint, step {s}")
+            return result
+        raise CorruptCheckpoint(corrupt[0] + ("; no earlier intact checkpoint" if len(corrupt) > 1 else ""))
+
+    def _restore_step(self, step: int, trainable, opt_state, config):
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.CRITICAL)  # a damaged file is reported once, in the exception's one line
+        try:
+            return self._restore_step_quietly(step, trainable, opt_state, config)
+        finally:
+            absl.setLevel(level)
+
+    def _restore_step_quietly(self, step: int, trainable, opt_state, config):
         import orbax.checkpoint as ocp
 
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise PeftjaxError(f"no checkpoint in {self.directory}")
-        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check_identity(meta["identity"], identity(config), where=self.directory / str(step))
+        where = self.directory / str(step)
+        if not where.is_dir():
+            raise PeftjaxError(f"no checkpoint {where}")
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(meta, dict) or "identity" not in meta:
+                raise ValueError("meta holds no identity")
+        except Exception as e:  # noqa: BLE001 - whatever orbax / tensorstore raise for damaged files
+            raise CorruptCheckpoint(f"checkpoint {where} is unreadable ({_reason(e)})") from None
+        check_identity(meta["identity"], identity(config), where=where)
         trees = {"trainable": trainable, "opt_state": opt_state}
         trees = {k: v for k, v in trees.items() if v is not None}
         for name, tree in trees.items():
             _check_specs(name.replace("_", " "), meta[name], _flatten(tree)[1])
-        restored = self._mgr.restore(step, args=ocp.args.Composite(**{
-            name: ocp.args.StandardRestore([np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
-            for name, tree in trees.items()}))
-        out = {name: jax.tree.unflatten(jax.tree.structure(tree), [jax.numpy.asarray(np.asarray(x))
-                                                                   for x in restored[name]])
+        try:
+            restored = self._mgr.restore(step, args=ocp.args.Composite(**{
+                name: ocp.args.StandardRestore([np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+                for name, tree in trees.items()}))
+            leaves = {name: [np.asarray(x) for x in restored[name]] for name in trees}
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpoint(f"checkpoint {where} is unreadable ({_reason(e)})") from None
+        recorded = meta.get("sha256") or {}  # checkpoints of older peftjax versions hold no hashes
+        for name in trees:
+            if name not in recorded:
+                continue
+            for i, (got, want) in enumerate(zip(leaf_hashes(leaves[name]), recorded[name], strict=True)):
+                if got != want:
+                    raise CorruptCheckpoint(f"checkpoint {where / name} is corrupt: leaf {meta[name][i]['path']} "
+                                            "does not match its recorded sha256")
+        out = {name: jax.tree.unflatten(jax.tree.structure(tree), [jax.numpy.asarray(x) for x in leaves[name]])
                for name, tree in trees.items()}
         return out["trainable"], out.get("opt_state"), meta
 
+    def discard_after(self, step: int) -> None:
+        """Delete the checkpoints later than ``step`` (corrupt ones a resumed run will write again)."""
+        for s in self.steps():
+            if s > step:
+                shutil.rmtree(self.directory / str(s), ignore_errors=True)
+        self._mgr.reload()
+
     def close(self):
         self._mgr.close()
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind ``e`` (orbax and tensorstore wrap them), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if "No space left on device" in str(e) or "Read-only file system" in str(e):
+            return OSError(str(e).split(":")[-1].strip())
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def check_identity(saved: dict, current: dict, *, where) -> None:

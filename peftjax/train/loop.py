@@ -5,9 +5,14 @@ and ETA; checkpoints make a killed run resumable bitwise.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
+import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +27,7 @@ from peftjax.errors import PeftjaxError
 from peftjax.peft import get_method
 from peftjax.quant.policy import rule_bits
 from peftjax.train.build import DTYPES, build
-from peftjax.train.checkpoint import Checkpointer, directory_bytes
+from peftjax.train.checkpoint import Checkpointer, CorruptCheckpoint, directory_bytes
 from peftjax.train.optim import make_optimizer
 from peftjax.train.probes import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
 from peftjax.train.rundir import RunSummary, check_resumable, write_json
@@ -38,23 +43,70 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     optimizer state, step, data position) and training continues; the result is bitwise that of an uninterrupted
     run. A run that has no checkpoint yet starts from the beginning.
     """
-    from tqdm import tqdm
-
-
     out = Path(out)
     if resume and overwrite:
         raise PeftjaxError("--resume and --overwrite contradict each other; choose one")
+    if out.exists() and not out.is_dir():
+        raise PeftjaxError(f"run directory {out} is a file; choose another --out")
+    with lock_run_dir(out):
+        return _run(config, out, overwrite=overwrite, progress=progress, resume=resume)
+
+
+LOCK_ENV = "PEFTJAX_RUN_DIR_LOCKED"  # set by a parent (a sweep) that holds the run directory's lock for its child
+
+
+def lock_path(out: Path) -> Path:
+    """The lock of run directory ``out``: a hidden sibling, so --overwrite never deletes a held lock."""
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def lock_run_dir(out: Path, *, what: str = "run directory"):
+    """Hold an exclusive ``fcntl`` lock on ``out`` (its hidden sibling ``.NAME.lock``) for the block; a second
+    process is refused at once with one line. The kernel drops the lock when its holder dies."""
+    out = Path(out)
+    if os.environ.get(LOCK_ENV) == str(out.absolute()):
+        yield  # the parent process holds it for us
+        return
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PeftjaxError(f"cannot write in {path.parent} ({e.strerror or e}); choose a writable --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PeftjaxError(f"{what} {out} is in use by another peftjax process (lock {path}); wait for it "
+                               "to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resume: bool) -> dict:
+    from tqdm import tqdm
+
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise PeftjaxError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
                            "--overwrite to replace it, or choose --out")
     if resume:
         check_resumable(out, config)
+        _check_same_schedule(out, config)
     t_start = time.perf_counter()
     rss_start = rss_bytes()  # the interpreter and libraries, before any model or data
     built = build(config)
     data, model = built.data, built.model
     rule_report = rule_bits(model)
     del built
+    n_virtual = model.num_virtual_tokens()
+    if n_virtual + config.data.seq_len > model.config.max_position:
+        extra = f" + {n_virtual} virtual prompt tokens (peft.num_tokens)" if n_virtual else ""
+        raise PeftjaxError(f"data.seq_len {config.data.seq_len}{extra} exceeds the model's context of "
+                           f"{model.config.max_position} positions; lower data.seq_len")
     graphdef, trainable, frozen = partition.split(model)
     del model
     load_s = time.perf_counter() - t_start
@@ -73,7 +125,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     if resume and ckpt_dir.exists():
         ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
         if ckpt.latest_step() is not None:
-            trainable, opt_state, meta = ckpt.restore(trainable, opt_state, config=config)
+            trainable, opt_state, meta = ckpt.restore(trainable, opt_state, config=config)  # latest intact one
             start_step = meta["step"]
             state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"])
             if meta["data_position"] != start_step * tc.grad_accum:
@@ -82,15 +134,25 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         ckpt.close()
     if start_step > tc.steps:
         raise PeftjaxError(f"the checkpoint in {ckpt_dir} is at step {start_step}, past train.steps={tc.steps}")
+    if resume and start_step == tc.steps and (out / "summary.json").exists():
+        print(f"peftjax: {out} already finished all {tc.steps} steps; nothing to do", file=sys.stderr)
+        return json.loads((out / "summary.json").read_text())
     if len(data.train) < tc.batch_size:
         raise PeftjaxError(f"only {len(data.train)} training rows for train.batch_size {tc.batch_size}; "
                            "lower train.batch_size or add data")
     # ---- validation is over: from here on the run directory is written
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    try:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    except OSError as e:
+        raise PeftjaxError(f"cannot write the run directory {out} ({e.strerror or e}); choose a writable "
+                           "--out") from None
     ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
+    if resume:
+        ckpt.discard_after(start_step)  # corrupt later checkpoints: this run writes them again
+    saved_steps = [start_step] if start_step else []
     metrics_path = out / "metrics.jsonl"
     kept = []
     if start_step and metrics_path.exists():  # drop records the killed run wrote after its last checkpoint
@@ -120,7 +182,7 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
                dynamic_ncols=True)
     with open(metrics_path, "a") as metrics_file:
         def log(record):
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(json.dumps(json_safe(record)) + "\n")
             metrics_file.flush()
 
         for step in range(start_step, tc.steps):
@@ -151,14 +213,18 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
                 log(record)
             if consecutive >= tc.max_nonfinite:
                 bar.close()
-                where = f"step {saved_step} in {ckpt_dir}" if saved_step else "none was saved yet"
+                good = _last_good(ckpt, saved_steps, trainable, config, lambda t: evaluate(
+                    eval_fn, t, frozen, data.eval, tc.eval_batch_size)["eval_loss"])
+                where = f"step {good} in {ckpt_dir}" if good else "none (every saved step already diverged)"
                 raise PeftjaxError(f"stopped at step {step + 1}: {consecutive} non-finite losses or gradients in a "
-                                   f"row (updates skipped); lower train.learning_rate. Last good checkpoint: {where}")
+                                   f"row (updates skipped); lower train.learning_rate and start again with "
+                                   f"--overwrite. Last good checkpoint: {where}")
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 != tc.steps:
                 log({"step": step + 1, **evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)})
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 != tc.steps and consecutive == 0:
                 save(step + 1)
                 saved_step = step + 1
+                saved_steps.append(saved_step)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
             bar.update(1)
         bar.close()
@@ -199,5 +265,46 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
         train_blocks=data.info["train_blocks"], eval_blocks=data.info["eval_blocks"], eval_docs=data.info["eval_docs"],
         wall_s=time.perf_counter() - t_start, jax_version=jax.__version__, backend=jax.default_backend(),
     ).to_json()
+    summary = json_safe(summary)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None: JSON has no such numbers (``json.dumps`` would write bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _check_same_schedule(out: Path, config: RunConfig) -> None:
+    """A cosine schedule depends on ``train.steps``: a resumed run with more (or fewer) steps would not be the
+    run of that length, so it is refused (a constant schedule may grow)."""
+    recorded_path = out / "config.yaml"
+    if config.train.schedule != "cosine" or not recorded_path.exists():
+        return
+    try:
+        recorded = (yaml.safe_load(recorded_path.read_text()) or {}).get("train", {}).get("steps")
+    except (yaml.YAMLError, AttributeError):
+        return  # check_resumable reports a damaged config.yaml
+    if recorded is not None and recorded != config.train.steps:
+        raise PeftjaxError(f"--resume: train.steps is {recorded} in {recorded_path} but {config.train.steps} now; "
+                           "the cosine schedule depends on train.steps, so resume with the run's own train.steps "
+                           "(or start again with --overwrite)")
+
+
+def _last_good(ckpt: Checkpointer, saved_steps: list[int], trainable, config, eval_loss) -> int | None:
+    """The latest saved step whose parameters still give a finite held-out loss (a checkpoint saved just before a
+    divergence can already hold parameters that give inf / NaN)."""
+    for s in sorted(saved_steps, reverse=True):
+        try:
+            restored, _, _ = ckpt.restore(trainable, config=config, step=s)
+        except PeftjaxError:  # deleted by keep_checkpoints, or unreadable
+            continue
+        if math.isfinite(eval_loss(restored)):
+            return s
+    return None

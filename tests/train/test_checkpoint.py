@@ -151,3 +151,79 @@ def test_checkpoint_holds_only_the_trainable_tree(tmp_path):
     assert 0 < size < frozen_bytes // 2  # never the frozen base (orbax also compresses the zero-initialised leaves)
     meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
     assert meta["trainable"] and all("lora_" in leaf["path"] for leaf in meta["trainable"])
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    """Flip 4 bytes in the middle of a trainable data file (orbax does not notice), or truncate / empty it."""
+    data = next(f for f in sorted((step_dir / "trainable").rglob("*")) if f.is_file() and f.parent.name == "d")
+    raw = bytearray(data.read_bytes())
+    if how == "flip":
+        i = len(raw) // 2
+        raw[i:i + 4] = bytes(255 - b for b in raw[i:i + 4])
+    elif how == "truncate":
+        raw = raw[: len(raw) // 3]
+    else:
+        raw = bytearray()
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "empty"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, how):
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    first = jax.tree.map(lambda x: x + 1.0, trainable)
+    c = Checkpointer(tmp_path)
+    c.save(1, first, opt_state, config=config, data_position=1)
+    c.save(2, trainable, opt_state, config=config, data_position=2)
+    _damage(tmp_path / "2", how)
+    warnings = []
+    restored, _, meta = Checkpointer(tmp_path).restore(trainable, opt_state, config=config, warn=warnings.append)
+    assert meta["step"] == 1
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(warnings) == 1 and str(tmp_path / "2") in warnings[0] and "previous intact checkpoint, step 1" in \
+        warnings[0]
+    with pytest.raises(PeftjaxError, match=rf"checkpoint {tmp_path / '2'}.* (corrupt|unreadable)"):
+        Checkpointer(tmp_path).restore(trainable, config=config, step=2)  # a named step never falls back
+
+
+def test_no_intact_checkpoint_is_one_line_naming_it(tmp_path):
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    Checkpointer(tmp_path).save(1, trainable, opt_state, config=config, data_position=1)
+    _damage(tmp_path / "1", "flip")
+    with pytest.raises(PeftjaxError) as info:
+        Checkpointer(tmp_path).restore(trainable, config=config)
+    message = str(info.value)  # orbax may fail to decode a damaged chunk, or decode it to the wrong values
+    assert message.startswith(f"checkpoint {tmp_path / '1'}") and "\n" not in message
+    assert " is corrupt: leaf " in message or " is unreadable (" in message
+
+
+def test_values_that_differ_from_their_recorded_sha256_are_refused(tmp_path):
+    """Orbax reads back whatever bytes decode; only the recorded hashes tell a changed value."""
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    Checkpointer(tmp_path).save(1, trainable, opt_state, config=config, data_position=1)
+    meta_file = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["sha256"]["trainable"][3] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(PeftjaxError, match=rf"checkpoint {tmp_path / '1' / 'trainable'} is corrupt: leaf "
+                                           rf"{meta['trainable'][3]['path']} does not match its recorded sha256"):
+        Checkpointer(tmp_path).restore(trainable, config=config, step=1)
+
+
+def test_resume_after_a_corrupt_latest_checkpoint_is_bitwise_the_uninterrupted_run(cli, play_files, tmp_path):
+    config = _config_file(tmp_path, play_files, steps=30)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert cli("train", str(config), "--no-progress", "--out", str(whole)).returncode == 0
+    assert cli("train", str(config), "--no-progress", "--out", str(broken)).returncode == 0
+    (broken / "summary.json").unlink()  # as if it had been killed after saving step 30
+    _damage(broken / "checkpoints" / "30", "flip")
+    resumed = cli("train", str(config), "--no-progress", "--out", str(broken), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "using the previous intact checkpoint, step 20" in resumed.stderr
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 20
+    for a, b in zip(_trainable(whole), _trainable(broken), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
