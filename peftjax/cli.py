@@ -118,11 +118,15 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     results = run_sweep(args.spec, out, workers=args.workers, shard=parse_shard(args.shard))
     failed = [r for r in results if r["status"] == "failed"]
-    print(f"{len(results) - len(failed)} points finished, {len(failed)} failed; results in {out / 'results.jsonl'}")
-    if len(failed) < len(results):
+    busy = [r for r in results if r["status"] == "busy"]
+    done = len(results) - len(failed) - len(busy)
+    print(f"{done} points finished, {len(failed)} failed"
+          + (f", {len(busy)} running in another process" if busy else "")
+          + f"; results in {out / 'results.jsonl'}")
+    if done:
         write_sweep_report(out)
         print(f"report written to {out / 'report.md'}")
-    return 1 if failed else 0
+    return 1 if failed or busy else 0
 
 
 def cmd_report(args) -> int:
@@ -301,7 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_parent() -> None:
+    """A sweep's point (``PEFTJAX_PARENT_PID`` set) ends when the sweep dies, even by SIGKILL: no orphan runs on
+    unrecorded, and the sweep's next run resumes the point from its checkpoint."""
+    parent = os.environ.pop("PEFTJAX_PARENT_PID", None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl
+        sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

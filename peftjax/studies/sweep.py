@@ -113,58 +113,133 @@ def _append_result(out: Path, line: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def train_command(spec_path: str, run_dir: Path, point: dict, *flags: str) -> list[str]:
-    """The ``peftjax train`` command line of one point: its own process, so its peak memory is its own."""
+def train_command(spec_path: str, run_dir: Path, point: dict, *flags: str, resume: bool = False) -> list[str]:
+    """The ``peftjax train`` command line of one point: its own process, so its peak memory is its own. A point
+    starts afresh (``--overwrite``) or, with ``resume``, continues from its own latest checkpoint."""
     import sys
 
-    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec_path, "--out", str(run_dir), "--overwrite",
-           *flags]
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec_path, "--out", str(run_dir),
+           "--resume" if resume else "--overwrite", *flags]
     for override in as_overrides(point):
         cmd += ["--set", override]
     return cmd
 
 
-def run_point(spec_path: str, out: Path, point: dict) -> dict:
-    """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``."""
+def _finished_names(out: Path) -> set[str]:
     import json
+
+    path = out / "results.jsonl"
+    if not path.exists():
+        return set()
+    names = set()
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if record.get("status") in ("ok", "skipped"):
+            names.add(record.get("name"))
+    return names
+
+
+def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set | None = None) -> dict | None:
+    """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``.
+
+    The point's run directory is locked for the whole call: a point another sweep is running is returned as
+    ``busy`` and not recorded. A point with checkpoints but no summary (killed or interrupted before) resumes
+    from its own latest checkpoint. When ``stop`` is set while the point runs (the sweep was interrupted), it is
+    recorded as ``interrupted``; a later sweep resumes it. None when ``stop`` was set before it started.
+    """
+    import json
+    import os
     import subprocess
     import time
 
+    from peftjax.train.loop import LOCK_ENV, lock_run_dir
+
     name = point_name(point)
     run_dir = out / name
-    if (run_dir / "summary.json").exists():
-        return {"name": name, "point": point, "status": "skipped",
-                "summary": json.loads((run_dir / "summary.json").read_text())}
-    cmd = train_command(spec_path, run_dir, point, "--no-progress")
-    (out / "logs").mkdir(exist_ok=True)
-    start = time.perf_counter()
-    with open(out / "logs" / f"{name}.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode == 0 and (run_dir / "summary.json").exists():
-        line = {"name": name, "point": point, "status": "ok",
-                "summary": json.loads((run_dir / "summary.json").read_text())}
-    else:
-        lines = (out / "logs" / f"{name}.log").read_text().strip().splitlines()
-        line = {"name": name, "point": point, "status": "failed", "exit_code": proc.returncode,
-                "error": lines[-1] if lines else "", "wall_s": time.perf_counter() - start}
-    _append_result(out, line)
-    return line
+    try:
+        lock = lock_run_dir(run_dir, what="sweep point")
+        lock.__enter__()
+    except PeftjaxError as e:
+        return {"name": name, "point": point, "status": "busy", "error": str(e)}
+    try:
+        if (run_dir / "summary.json").exists():
+            line = {"name": name, "point": point, "status": "skipped",
+                    "summary": json.loads((run_dir / "summary.json").read_text())}
+            if name not in _finished_names(out):  # finished, but its line was lost (the sweep was killed)
+                _append_result(out, line)
+            return line
+        if stop is not None and stop.is_set():
+            return None
+        resume = (run_dir / "config.yaml").exists() and (run_dir / "checkpoints").is_dir()
+        cmd = train_command(spec_path, run_dir, point, "--no-progress", resume=resume)
+        env = {**os.environ, LOCK_ENV: str(run_dir.absolute()), "PEFTJAX_PARENT_PID": str(os.getpid())}
+        (out / "logs").mkdir(exist_ok=True)
+        start = time.perf_counter()
+        with open(out / "logs" / f"{name}.log", "a" if resume else "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if running is not None:
+                running.add(proc)
+            try:
+                proc.wait()
+            finally:
+                if running is not None:
+                    running.discard(proc)
+        if proc.returncode == 0 and (run_dir / "summary.json").exists():
+            line = {"name": name, "point": point, "status": "ok",
+                    "summary": json.loads((run_dir / "summary.json").read_text())}
+        elif stop is not None and stop.is_set():
+            line = {"name": name, "point": point, "status": "interrupted", "exit_code": proc.returncode,
+                    "error": "the sweep was interrupted; run it again to resume this point from its checkpoint",
+                    "wall_s": time.perf_counter() - start}
+        else:
+            lines = (out / "logs" / f"{name}.log").read_text().strip().splitlines()
+            line = {"name": name, "point": point, "status": "failed", "exit_code": proc.returncode,
+                    "error": lines[-1] if lines else "", "wall_s": time.perf_counter() - start}
+        _append_result(out, line)
+        return line
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def run_sweep(spec_path: str, out: Path, *, workers: int = 1, shard: tuple[int, int] = (0, 1),
               progress=print) -> list[dict]:
-    """Run every (unfinished) point of this shard, ``workers`` at a time; a failing point does not stop the rest."""
+    """Run every (unfinished) point of this shard, ``workers`` at a time; a failing point does not stop the rest.
+
+    Ctrl-C or SIGTERM stops the running points (recorded ``interrupted``; a later sweep resumes them from their
+    checkpoints). A point that another sweep holds is reported ``busy`` and left to it."""
+    import signal
+    import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    _, points = plan(spec_path, out, shard)
     if workers < 1:
         raise PeftjaxError(f"--workers must be >= 1, got {workers}")
+    _, points = plan(spec_path, out, shard)
+    stop, running = threading.Event(), set()
     results = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_point, spec_path, out, p) for p in points]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, on_term)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = [pool.submit(run_point, spec_path, out, p, stop=stop, running=running) for p in points]
         for i, future in enumerate(as_completed(futures), 1):
             line = future.result()
             results.append(line)
-            detail = line.get("error", "") if line["status"] == "failed" else ""
+            detail = line.get("error", "") if line["status"] in ("failed", "busy") else ""
             progress(f"[{i}/{len(points)}] {line['name']}: {line['status']} {detail}".rstrip())
+    except BaseException:
+        stop.set()
+        for proc in list(running):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    pool.shutdown()
     return results

@@ -1,0 +1,126 @@
+"""Faults a sweep must survive: a SIGKILLed sweep leaves no orphan and its point resumes from its own checkpoint;
+a point another process holds is left alone and not recorded; reports without matplotlib."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftjax.studies.report import write_sweep_report
+from peftjax.studies.sweep import plan, run_point, run_sweep
+from peftjax.train.loop import lock_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spec(tmp_path, files, steps=3, extra=""):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: {name: tiny}\npeft: {method: lora, rank: 2}\n"
+        f"data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 4, files: [{', '.join(map(str, files))}]}}\n"
+        f"train: {{steps: {steps}, batch_size: 2, learning_rate: 0.01{extra}}}\n"
+        "sweep:\n  grid: {peft.rank: [1]}\n")
+    return spec
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_killed_sweep_leaves_no_orphan_and_the_point_resumes_from_its_checkpoint(play_files, tmp_path):
+    spec = _spec(tmp_path, play_files, steps=400, extra=", save_every: 20")
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, "-m", "peftjax.cli", "sweep", str(spec), "--out", str(out)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    point = out / "rank=1"
+    try:
+        deadline = time.time() + 120
+        while not (point / "checkpoints" / "20").is_dir():
+            assert time.time() < deadline and sweep.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+        children = _children_of(sweep.pid)
+        assert children
+    finally:
+        sweep.kill()
+        sweep.wait()
+    deadline = time.time() + 20
+    while any(_alive(c) for c in children):  # the point dies with its sweep
+        assert time.time() < deadline, "the point outlived its SIGKILLed sweep"
+        time.sleep(0.1)
+    assert not (point / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "peftjax.cli", "sweep", str(spec), "--out", str(out)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "1 points finished, 0 failed" in resumed.stdout
+    summary = json.loads((point / "summary.json").read_text())
+    assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 20
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["ok"]
+
+
+def test_a_point_held_by_another_process_is_left_alone_and_not_recorded(play_files, tmp_path):
+    spec = _spec(tmp_path, play_files)
+    out = tmp_path / "sweep"
+    plan(str(spec), out)  # the other sweep claimed the directory
+    lines = []
+    with lock_run_dir(out / "rank=1"):  # another sweep (or train) is running this point
+        results = run_sweep(str(spec), out, progress=lines.append)
+    assert [r["status"] for r in results] == ["busy"]
+    assert "in use by another peftjax process" in lines[0]
+    assert not (out / "rank=1").exists() and not (out / "results.jsonl").exists()
+
+
+def test_a_finished_point_whose_line_was_lost_is_recorded_once(play_files, tmp_path):
+    spec = _spec(tmp_path, play_files)
+    out = tmp_path / "sweep"
+    (out / "rank=1").mkdir(parents=True)
+    (out / "rank=1" / "summary.json").write_text('{"rank": 1}')  # finished, then the sweep was killed
+    assert run_point(str(spec), out, {"peft.rank": 1})["status"] == "skipped"
+    assert run_point(str(spec), out, {"peft.rank": 1})["status"] == "skipped"
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["skipped"]
+
+
+def _fake_sweep(out: Path) -> None:
+    out.mkdir()
+    summary = {"eval_loss_before": 5.0, "eval_loss_after": 4.0, "trainable_params": 10, "total_params": 100,
+               "frozen_bytes": 360, "peak_rss_bytes": 1 << 20, "tokens_per_s": 100.0, "median_step_s": 0.1}
+    with open(out / "results.jsonl", "w") as f:
+        for rank in (1, 2):
+            f.write(json.dumps({"name": f"rank={rank}", "point": {"peft.rank": rank}, "status": "ok",
+                                "summary": {**summary, "rank": rank}}) + "\n")
+
+
+def test_report_without_matplotlib_writes_report_md_and_says_so(tmp_path, monkeypatch, capsys):
+    import peftjax.studies.report as report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    _fake_sweep(tmp_path / "s")
+    text, plots = write_sweep_report(tmp_path / "s")
+    assert plots == [] and "| 1 |" in text
+    assert (tmp_path / "s" / "report.md").read_text() == text
+    assert not list((tmp_path / "s").glob("*.png"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib is not installed, so no plots were drawn" in err
+
+
+def test_report_with_matplotlib_draws_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    _fake_sweep(tmp_path / "s")
+    _, plots = write_sweep_report(tmp_path / "s")
+    assert "eval_loss_vs_rank.png" in plots and (tmp_path / "s" / "eval_loss_vs_rank.png").exists()
