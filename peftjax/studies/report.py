@@ -117,16 +117,37 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
-    """PNG plots next to the table; returns the file names written."""
-    import json
-    from pathlib import Path
+_PLOT_NOTE_SHOWN = False
 
-    import matplotlib
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None after a one-line note when matplotlib (the ``plots``
+    extra) is not installed: tables and reports never need it."""
+    import sys
+
+    global _PLOT_NOTE_SHOWN
+    try:
+        import matplotlib
+    except ImportError:
+        if not _PLOT_NOTE_SHOWN:
+            _PLOT_NOTE_SHOWN = True
+            print("peftjax: note: matplotlib is not installed, so no plots were drawn (install the plots extra: "
+                  "pip install 'peftjax[plots]')", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
+    """PNG plots next to the table; returns the file names written (none, with a note, without matplotlib)."""
+    import json
+    from pathlib import Path
+
+    plt = pyplot()
+    if plt is None:
+        return []
     out = Path(sweep_dir)
     written = []
 
@@ -174,7 +195,7 @@ def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
         metrics = out / rec["name"] / "metrics.jsonl"
         if metrics.exists():
             steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            steps = [s for s in steps if "loss" in s]
+            steps = [s for s in steps if s.get("loss") is not None]  # null: a non-finite loss
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=rec["name"], linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

@@ -58,12 +58,12 @@ def _label(point: dict, summary: dict) -> str:
     return str(point.get("name") or method_label(summary))
 
 
-def _plot(out: Path, name: str, draw) -> str:
-    import matplotlib
+def _plot(out: Path, name: str, draw) -> str | None:
+    from peftjax.studies.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:  # matplotlib is optional: the table is written without its plot
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     draw(ax)
     fig.tight_layout()
@@ -187,5 +187,6 @@ def write_table(sweep_dir, name: str) -> tuple[str, list[str]]:
         raise PeftjaxError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
     out = Path(sweep_dir)
     text, plots = TABLES[name](load_results(out), out)
+    plots = [p for p in plots if p is not None]
     (out / "table.md").write_text(text + "\n" + "".join(f"\n![{p}]({p})\n" for p in plots))
     return text, plots
