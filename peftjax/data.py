@@ -52,25 +52,48 @@ def text_documents_to_blocks(files: list[Path], tokenizer, block: int, cache_dir
         packed = _pack(tokenizer.encode_batch(batch["text"]), block, eos)
         return {"input_ids": packed}
 
+    if len(ds) == 0:
+        return np.zeros((0, block), np.int32)
     # one batch = every document: packing runs across document boundaries, like the usual group_texts recipe
     ds = ds.map(tokenize_and_pack, batched=True, batch_size=len(ds), remove_columns=ds.column_names,
                 keep_in_memory=True)
+    if len(ds) == 0:  # fewer tokens than one block: the mapped table has no rows (and no columns)
+        return np.zeros((0, block), np.int32)
     return np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int32).reshape(-1, block)
 
 
-def lm_data(files: list[Path], tokenizer, *, seq_len: int, eval_docs: int, max_eval_blocks: int) -> LMData:
+def check_text_files(files: list[Path]) -> None:
+    """Every data file is a regular, UTF-8 file: one line naming the first that is not."""
     for f in files:
-        if not Path(f).exists():
+        f = Path(f)
+        if not f.exists():
             raise PeftjaxError(f"data file {f} not found")
+        if not f.is_file():
+            raise PeftjaxError(f"data file {f} is not a regular file (a directory?); list the files themselves "
+                               "in data.files")
+        raw = f.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PeftjaxError(f"data file {f} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                               "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def lm_data(files: list[Path], tokenizer, *, seq_len: int, eval_docs: int, max_eval_blocks: int) -> LMData:
+    check_text_files(files)
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise PeftjaxError(f"every data file is empty ({', '.join(Path(f).name for f in files)}); add text")
     train_files, eval_files = split_by_document([Path(f) for f in files], eval_docs)
     from peftjax.assets import writable_cache
 
     cache = writable_cache("datasets")
     train = text_documents_to_blocks(train_files, tokenizer, seq_len + 1, cache)
     evals = text_documents_to_blocks(eval_files, tokenizer, seq_len + 1, cache)[:max_eval_blocks]
-    if len(train) == 0 or len(evals) == 0:
-        raise PeftjaxError(f"not enough text for one block of {seq_len + 1} tokens in the train or eval split; "
-                           "lower data.seq_len or add data")
+    for split, blocks, docs in (("training", train, train_files), ("held-out", evals, eval_files)):
+        if len(blocks) == 0:
+            names = ", ".join(p.name for p in docs[:3]) + (", ..." if len(docs) > 3 else "")
+            raise PeftjaxError(f"the {split} documents ({names}) hold less text than one block of {seq_len + 1} "
+                               "tokens; lower data.seq_len or add text")
     return LMData(train, evals, [p.name for p in train_files], [p.name for p in eval_files])
 
 

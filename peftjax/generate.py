@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.errors import PeftjaxError
 from peftjax.models.llama import KVCache
 
 
@@ -25,9 +26,27 @@ def _decode_step(model, ids_B1, cache):
     return logits[:, -1], cache
 
 
+def check_generation(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+    """One line for a request that cannot be decoded: an empty prompt, a negative length or temperature, or a
+    prompt plus new tokens past the model's context."""
+    if prompt_len == 0:
+        raise PeftjaxError("the prompt is empty; give some text to continue")
+    if max_new_tokens < 1:
+        raise PeftjaxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:  # also NaN
+        raise PeftjaxError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    total = model.num_virtual_tokens() + prompt_len + max_new_tokens
+    if total > model.config.max_position:
+        raise PeftjaxError(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens"
+                           f"{f' + {model.num_virtual_tokens()} virtual tokens' if model.num_virtual_tokens() else ''}"
+                           f" exceed the model's context of {model.config.max_position}; lower --max-new-tokens "
+                           "or shorten the prompt")
+
+
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
                     temperature: float = 0.0, seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
+    check_generation(model, len(prompt_ids), max_new_tokens, temperature)
     cache = KVCache.empty(model.config, 1, model.num_virtual_tokens() + len(prompt_ids) + max_new_tokens)
     logits, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache)
     key = jax.random.key(seed)

@@ -259,10 +259,16 @@ def load_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise PeftjaxError(f"config file {path} not found")
+    if not path.is_file():
+        raise PeftjaxError(f"config file {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise PeftjaxError(f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise PeftjaxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:  # an empty file would silently start the full default run
+        raise PeftjaxError(f"{path} is empty; write the run's settings (see configs/quickstart.yaml)")
     if not isinstance(data, dict):
         raise PeftjaxError(f"{path} must hold a mapping of config sections")
     return data
@@ -346,8 +352,28 @@ def validate(config: RunConfig) -> None:
     for f in config.data.files:
         if not Path(f).exists():
             raise PeftjaxError(f"data file {f} not found (data.files)")
+        if not Path(f).is_file():
+            raise PeftjaxError(f"data file {f} is not a regular file (a directory?); list the files themselves in "
+                               "data.files")
+    _check_gguf_header(config.model.name)
+    alpha = getattr(config.peft, "alpha", None)
+    if isinstance(alpha, (int, float)) and alpha == 0:
+        raise PeftjaxError("peft.alpha is 0, which scales the adapter's update to zero: nothing would train; "
+                           "use a positive alpha (e.g. 2 x peft.rank)")
     for i, rule in enumerate(config.quant.rules):
         get_format(rule.format, label=f"quant rule {i} format")
+
+
+def _check_gguf_header(name: str) -> None:
+    """A ``model.name`` that is a .gguf path must start with GGUF's magic and header (24 bytes)."""
+    path = Path(name)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise PeftjaxError(f"model file {path} is not a GGUF file (bad magic or truncated header); re-download it "
+                           "or point model.name at a .gguf file")
 
 
 def to_dict(config: RunConfig) -> dict:

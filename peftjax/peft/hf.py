@@ -38,18 +38,48 @@ def read_hf_adapter_config(directory: Path) -> LoRAConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise PeftjaxError(f"{path} not found: an HF PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise PeftjaxError(f"{path} is not JSON text (not UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise PeftjaxError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(cfg, dict):
+        raise PeftjaxError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     kind = cfg.get("peft_type", "LORA")
     if kind not in SUPPORTED:
         raise PeftjaxError(f"HF PEFT type {kind!r} is not supported; supported types: {', '.join(SUPPORTED)}")
-    return LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+    if "r" not in cfg:
+        raise PeftjaxError(f"{path} has no 'r' (the LoRA rank)")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]  # HF PEFT accepts one layer index as an int
+    elif layers is not None and not isinstance(layers, list):
+        raise PeftjaxError(f"{path}: layers_to_transform must be an int or a list of ints, got {layers!r}")
+    return LoRAConfig(rank=_number(cfg, "r", int, path), alpha=_number(cfg, "lora_alpha", float, path, HF_ALPHA),
                       targets=_targets(cfg.get("target_modules")), rslora=bool(cfg.get("use_rslora", False)),
                       dora=bool(cfg.get("use_dora", False)),
-                      rank_pattern=tuple((k, int(v)) for k, v in (cfg.get("rank_pattern") or {}).items()),
-                      alpha_pattern=tuple((k, float(v)) for k, v in (cfg.get("alpha_pattern") or {}).items()),
-                      layers_to_transform=(tuple(cfg["layers_to_transform"])
-                                           if isinstance(cfg.get("layers_to_transform"), list) else None),
-                      dropout=float(cfg.get("lora_dropout", 0.0)))
+                      rank_pattern=tuple((k, _number(cfg["rank_pattern"], k, int, path))
+                                         for k in (cfg.get("rank_pattern") or {})),
+                      alpha_pattern=tuple((k, _number(cfg["alpha_pattern"], k, float, path))
+                                          for k in (cfg.get("alpha_pattern") or {})),
+                      layers_to_transform=(tuple(_number({"layers_to_transform": v}, "layers_to_transform", int, path)
+                                                 for v in layers) if layers is not None else None),
+                      dropout=_number(cfg, "lora_dropout", float, path, 0.0))
+
+
+HF_ALPHA = 8  # HF PEFT's LoraConfig default for lora_alpha (used when adapter_config.json omits it)
+
+
+def _number(cfg: dict, key: str, kind, path: Path, default=None):
+    """``cfg[key]`` as ``kind`` (int or float; ``default`` when absent); one line naming the key otherwise."""
+    value = cfg.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and kind is int and value != int(value):
+        ok = False
+    if not ok:
+        raise PeftjaxError(f"{path}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
@@ -65,7 +95,11 @@ def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.exists():
         raise PeftjaxError(f"{weights_path} not found")
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights_path)).items()}
+    try:
+        tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights_path)).items()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+        raise PeftjaxError(f"{weights_path} is not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
+                           "re-save or re-download the adapter") from None
     adapted = apply(model, config)
     used = set()
     for path, layer in _lora_layers(adapted).items():
