@@ -227,3 +227,27 @@ def test_resume_after_a_corrupt_latest_checkpoint_is_bitwise_the_uninterrupted_r
     assert summary["resumed_from_step"] == 20
     for a, b in zip(_trainable(whole), _trainable(broken), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    config = from_dict(TINY)
+    trainable, opt_state = _state(config)
+    c = Checkpointer(tmp_path)
+    c.save(1, trainable, opt_state, config=config, data_position=1)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full)
+    with pytest.raises(PeftjaxError) as info:
+        c.save(2, trainable, opt_state, config=config, data_position=2)
+    message = str(info.value)
+    assert message.startswith(f"could not save checkpoint 2 in {tmp_path} (No space left on device)")
+    assert "checkpoint 1 is intact" in message and "\n" not in message
+    monkeypatch.undo()
+    restored, _, meta = Checkpointer(tmp_path).restore(trainable, config=config)
+    assert meta["step"] == 1
