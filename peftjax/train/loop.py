@@ -156,9 +156,12 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     metrics_path = out / "metrics.jsonl"
     kept = []
     if start_step and metrics_path.exists():  # drop records the killed run wrote after its last checkpoint
-        kept = [line for line in metrics_path.read_text().split("\n")[:-1]  # [:-1]: a line cut by the kill
-                if line.strip() and json.loads(line)["step"] <= start_step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in map(_record, metrics_path.read_text().split("\n")[:-1])  # [:-1]: a line cut by a kill
+                if r is not None and r["step"] <= start_step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # the steps before the checkpoint count in the summary as in an uninterrupted run (step 1 holds compilation)
+    prior_losses = [r["loss"] for r in kept if r.get("loss") is not None and not r.get("skipped")]
+    prior_times = [r["step_s"] for r in kept if r.get("step_s") is not None and r["step"] > 1]
 
     peak_rss_load = peak_rss_bytes()
     release_freed_memory()
@@ -167,7 +170,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     if state["eval_before"] is None:
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
-    step_times, losses = [], []
+    step_times, losses = prior_times, prior_losses
     compile_s, consecutive, saved_step = None, 0, start_step
     peak_rss_first = None
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
@@ -253,7 +256,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         peak_rss_bytes=max(peak_rss_bytes(), peak_rss_first or 0),
         peak_rss_steady_bytes=peak_rss_bytes() if peak_rss_first is not None else None,
         peak_rss_load_bytes=peak_rss_load, rss_start_bytes=rss_start, rss_train_start_bytes=rss_train_start,
-        median_step_s=median_step, train_s=(compile_s or 0.0) + sum(step_times),
+        median_step_s=median_step, train_s=(compile_s or 0.0) + sum(step_times[len(prior_times):]),
         tokens_per_s=tokens_per_step / median_step if median_step else None, compile_s=compile_s, load_s=load_s,
         eval_loss_before=eval_before["eval_loss"], eval_loss_after=eval_after["eval_loss"],
         eval_ppl_before=eval_before["eval_ppl"], eval_ppl_after=eval_after["eval_ppl"],
@@ -268,6 +271,15 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     summary = json_safe(summary)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl record, or None for a blank, cut or damaged line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def json_safe(obj):

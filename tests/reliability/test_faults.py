@@ -21,7 +21,8 @@ def _spec(tmp_path, files, steps=3, extra=""):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "model: {name: tiny}\npeft: {method: lora, rank: 2}\n"
-        f"data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 4, files: [{', '.join(map(str, files))}]}}\n"
+        "data: {dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 4, "
+        f"files: [{', '.join(map(str, files))}]}}\n"
         f"train: {{steps: {steps}, batch_size: 2, learning_rate: 0.01{extra}}}\n"
         "sweep:\n  grid: {peft.rank: [1]}\n")
     return spec
@@ -124,3 +125,32 @@ def test_report_with_matplotlib_draws_plots(tmp_path):
     _fake_sweep(tmp_path / "s")
     _, plots = write_sweep_report(tmp_path / "s")
     assert "eval_loss_vs_rank.png" in plots and (tmp_path / "s" / "eval_loss_vs_rank.png").exists()
+
+
+def _tiny_run_config(files, **train):
+    from peftjax.config import from_dict
+
+    return from_dict({"model": {"name": "tiny"}, "peft": {"method": "lora", "rank": 2},
+                      "data": {"dataset": "files", "eval_docs": 1, "seq_len": 32, "max_eval_blocks": 4,
+                               "files": [str(f) for f in files]},
+                      "train": {"steps": 4, "batch_size": 2, "learning_rate": 0.01, "save_every": 2, **train}})
+
+
+def test_resume_after_a_kill_during_the_final_eval_writes_a_full_summary(play_files, tmp_path):
+    """Killed after the last checkpoint, before summary.json: the resumed run trains no step, and its summary
+    still holds the step time, tokens/s and train losses of the run (from metrics.jsonl), not nulls."""
+    from peftjax.train import run
+
+    config = _tiny_run_config(play_files)
+    whole = run(config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "summary.json").unlink()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines[:-1]) + '\n{"step": 4, "eval_lo')  # cut line
+    resumed = run(config, tmp_path / "run", progress=False, resume=True)
+    for key in ("median_step_s", "tokens_per_s", "train_loss_first", "train_loss_last", "eval_loss_after"):
+        assert resumed[key] is not None, key
+    assert resumed["train_loss_first"] == whole["train_loss_first"]
+    assert resumed["train_loss_last"] == whole["train_loss_last"]
+    assert resumed["eval_loss_after"] == whole["eval_loss_after"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]  # one final eval, no duplicate
