@@ -130,6 +130,15 @@ def _damage_checkpoints(how: str, steps=("4",)):
     return setup
 
 
+def _changed_values(w: Work):
+    """Values that decode but differ from what was saved: the recorded sha256 of one leaf no longer matches."""
+    run = w.copy_run()
+    meta_file = run / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["sha256"]["trainable"][0] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+
+
 def _hold_lock(w: Work):
     from peftjax.train.loop import lock_run_dir
 
@@ -239,6 +248,11 @@ CASES = [
          ("train", "{config}", "--out", "{run}", "--set", "peft.rank=1000"), absent=("run",)),
     Case("target-matches-nothing", "config", "a target rule that matches no module", 2, "matches no module",
          ("train", "{config}", "--out", "{run}", "--set", "peft.targets=[qkv_proj]"), absent=("run",)),
+    Case("layers-int", "config", "peft.layers_to_transform given as one int", 2,
+         "config key peft.layers_to_transform must be", ("train", "{config}", "--out", "{run}", "--set",
+                                                         "peft.layers_to_transform=5"), absent=("run",)),
+    Case("config-is-directory", "config", "a directory given as the config file", 2, "is not a file",
+         ("train", "{tmp}", "--out", "{run}"), absent=("run",)),
     Case("seq-len-past-context", "config", "data.seq_len past the model's context, with --overwrite of a finished "
          "run", 2, "data.seq_len 400 exceeds the model's context of 256",
          ("train", "{finished_config}", "--out", "{run}", "--overwrite", "--set", "data.seq_len=400"),
@@ -271,6 +285,8 @@ CASES = [
          ("train", "{config}", "--out", "{run}", "--resume", "--overwrite"), absent=("run",)),
     Case("out-is-file", "runs", "--out names a file", 2, "is a file; choose another --out",
          ("train", "{config}", "--out", "{config}")),
+    Case("out-under-a-file", "runs", "--out inside a regular file", 2, "cannot write in",
+         ("train", "{config}", "--out", "{tmp}/play0.txt/run")),
     Case("run-locked", "runs", "another peftjax process trains into the same --out", 2,
          "is in use by another peftjax process", ("train", "{config}", "--out", "{run}"), setup=_hold_lock,
          absent=("run",)),
@@ -286,6 +302,9 @@ CASES = [
     Case("ckpt-latest-garbage", "checkpoints", "the latest checkpoint's files overwritten with garbage", 0,
          "using the previous intact checkpoint, step 2", ("generate", "{run}", "Enter", "--max-new-tokens", "2"),
          setup=_damage_checkpoints("garbage")),
+    Case("ckpt-latest-changed-values", "checkpoints", "the latest checkpoint's values changed (orbax reads them "
+         "back without complaint)", 0, "does not match its recorded sha256; using the previous intact checkpoint, "
+         "step 2", ("generate", "{run}", "Enter", "--max-new-tokens", "2"), setup=_changed_values),
     Case("ckpt-all-truncated", "checkpoints", "every checkpoint's data files truncated", 2,
          "is unreadable", ("generate", "{run}", "Enter", "--max-new-tokens", "2"),
          setup=_damage_checkpoints("truncate", ("2", "4"))),
