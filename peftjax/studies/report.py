@@ -43,14 +43,37 @@ def load_results(sweep_dir) -> list[dict]:
     if not path.exists():
         raise PeftjaxError(f"{path} not found: run `peftjax sweep SPEC --out {sweep_dir}` first")
     latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record["status"] in ("ok", "skipped"):
-                latest[record["name"]] = record
+    for record in _records(path):
+        if record["status"] in ("ok", "skipped"):
+            latest[record["name"]] = record
     if not latest:
         raise PeftjaxError(f"{path} holds no finished point yet")
     return list(latest.values())
+
+
+def _records(path) -> list[dict]:
+    """The lines of a results.jsonl that parse (a line cut by a killed sweep is skipped)."""
+    import json
+
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "name" in record and "status" in record:
+            records.append(record)
+    return records
+
+
+def unfinished(sweep_dir) -> dict[str, str]:
+    """{point name: its latest status} of the points in results.jsonl that have not finished (failed,
+    interrupted)."""
+    from pathlib import Path
+
+    path = Path(sweep_dir) / "results.jsonl"
+    latest = {r["name"]: r["status"] for r in _records(path)} if path.exists() else {}
+    return {name: status for name, status in latest.items() if status not in ("ok", "skipped")}
 
 
 def without_seed(point: dict) -> dict:
@@ -226,8 +249,11 @@ def write_sweep_report(sweep_dir) -> tuple[str, list[str]]:
     with open(out / "report.csv", "w", newline="") as f:
         csv.writer(f).writerows(cells)
     plots = sweep_plots(out, records, rows)
+    missing = unfinished(out)
+    note = (f"Not finished (left out): {', '.join(f'{n} ({s})' for n, s in sorted(missing.items()))}; run the "
+            "sweep again to resume them.\n\n") if missing else ""
     text = (f"# Sweep report: {out.name}\n\n{len(records)} finished runs in {len(rows)} groups "
-            f"(mean ± std over seeds where a group has several).\n\n{table}\n\n"
+            f"(mean ± std over seeds where a group has several).\n\n{note}{table}\n\n"
             + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
     (out / "report.md").write_text(text)
     return text, plots

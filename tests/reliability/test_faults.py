@@ -154,3 +154,12 @@ def test_resume_after_a_kill_during_the_final_eval_writes_a_full_summary(play_fi
     assert resumed["eval_loss_after"] == whole["eval_loss_after"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [4]  # one final eval, no duplicate
+
+
+def test_report_names_unfinished_points_and_skips_a_cut_line(tmp_path):
+    _fake_sweep(tmp_path / "s")
+    with open(tmp_path / "s" / "results.jsonl", "a") as f:
+        f.write(json.dumps({"name": "rank=4", "point": {"peft.rank": 4}, "status": "interrupted"}) + "\n")
+        f.write('{"name": "rank=8", "poi')  # the sweep was killed while writing
+    text, _ = write_sweep_report(tmp_path / "s")
+    assert "2 finished runs" in text and "Not finished (left out): rank=4 (interrupted)" in text
