@@ -188,6 +188,8 @@ def cmd_export(args) -> int:
     from peftjax.train import load_run
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PeftjaxError(f"{out} is a file; choose a new output directory")
     if out.exists() and any(out.iterdir()):
         raise PeftjaxError(f"{out} exists and is not empty; choose a new output directory")
     model, tokenizer = load_run(args.run_dir)

@@ -139,11 +139,28 @@ def load_records(files: list[Path]) -> list[dict]:
     if None in kinds or len(kinds) != 1 or "text" in kinds:
         raise PeftjaxError(f"record tasks read .json, .jsonl, .csv or .parquet files (one kind per run), got "
                            f"{', '.join(Path(f).name for f in files)}")
+    kind = kinds.pop()
+    if kind in ("json", "csv"):
+        check_text_files(files)
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise PeftjaxError(f"no records in {', '.join(Path(f).name for f in files)} (empty)")
     from peftjax.assets import writable_cache
 
-    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train",
-                               cache_dir=str(writable_cache("datasets")), keep_in_memory=True)
-    return ds.to_list()
+    cache = writable_cache("datasets")
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=str(cache),
+                                   keep_in_memory=True)
+    except PeftjaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets / pyarrow report a malformed file in many types
+        cause = e.__cause__ or e
+        detail = " ".join(str(cause).split())[:160]
+        raise PeftjaxError(f"could not read the {kind} records in {', '.join(Path(f).name for f in files)} "
+                           f"({type(cause).__name__}: {detail})") from None
+    records = ds.to_list()
+    if not records:
+        raise PeftjaxError(f"no records in {', '.join(Path(f).name for f in files)}")
+    return records
 
 
 def polarity_records(path: Path) -> list[dict]:

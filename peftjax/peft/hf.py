@@ -31,6 +31,9 @@ def _targets(value) -> str | tuple[str, ...]:
         raise PeftjaxError("adapter_config.json has no target_modules")
     if isinstance(value, str):
         return value  # "all-linear" or a regex over module paths
+    if not isinstance(value, list) or not value or not all(isinstance(name, str) for name in value):
+        raise PeftjaxError(f"adapter_config.json: target_modules must be a string or a list of module names, "
+                           f"got {value!r}")
     return tuple(__import__("re").escape(name) for name in value)  # names match as dotted suffixes
 
 
@@ -51,6 +54,9 @@ def read_hf_adapter_config(directory: Path) -> LoRAConfig:
         raise PeftjaxError(f"HF PEFT type {kind!r} is not supported; supported types: {', '.join(SUPPORTED)}")
     if "r" not in cfg:
         raise PeftjaxError(f"{path} has no 'r' (the LoRA rank)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise PeftjaxError(f"{path}: {key} must be a mapping of module patterns to numbers, got {cfg[key]!r}")
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]  # HF PEFT accepts one layer index as an int

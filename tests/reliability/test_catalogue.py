@@ -100,6 +100,12 @@ def _files(*contents: bytes | None):
     return setup
 
 
+def _records(content: bytes):
+    def setup(w: Work):
+        (w.tmp / "recs.jsonl").write_bytes(content)
+    return setup
+
+
 def _write(name: str, text: str | bytes):
     def setup(w: Work):
         path = w.tmp / name
@@ -272,6 +278,13 @@ CASES = [
     Case("data-directory", "data", "a directory listed in data.files", 2, "is not a regular file (a directory?)",
          ("train", "{config}", "--out", "{run}"), setup=_files(PLAY.encode() * 8, None, PLAY.encode() * 8),
          absent=("run",)),
+    Case("records-bad-json", "data", "an SFT records file that is not JSON lines", 2, "could not read the json "
+         "records in recs.jsonl", ("train", "{config}", "--out", "{run}", "--set", "data.task=sft", "--set",
+                                   "data.files=[{tmp}/recs.jsonl]"), setup=_records(b'{"prompt": "a", "resp'),
+         absent=("run",)),
+    Case("records-empty", "data", "an empty SFT records file", 2, "no records in recs.jsonl",
+         ("train", "{config}", "--out", "{run}", "--set", "data.task=sft", "--set", "data.files=[{tmp}/recs.jsonl]"),
+         setup=_records(b""), absent=("run",)),
     Case("data-missing", "data", "a data file that does not exist", 2, "not found (data.files)",
          ("train", "{config}", "--out", "{run}", "--set", "data.files=[{tmp}/nope.txt]"), absent=("run",)),
     # runs
@@ -325,6 +338,8 @@ CASES = [
          "is not a run directory", ("generate", "{tmp}", "Enter")),
     Case("export-non-empty", "generate/export", "export into a non-empty directory", 2, "exists and is not empty",
          ("export", "{run}", "--format", "hf-peft", "{tmp}"), setup=_finished),
+    Case("export-into-file", "generate/export", "export to a path that is a file", 2, "is a file",
+         ("export", "{run}", "--format", "hf-peft", "{config}"), setup=_finished),
     # adapters
     Case("hf-no-r", "adapters", "an HF adapter_config.json without r", 2, "has no 'r'", call=load_adapter,
          setup=_adapter({k: v for k, v in HF.items() if k != "r"})),
@@ -334,6 +349,10 @@ CASES = [
          call=load_adapter, setup=_adapter('{"r": 4,')),
     Case("hf-truncated-weights", "adapters", "truncated adapter_model.safetensors", 2,
          "is not a readable safetensors file", call=load_adapter, setup=_adapter(None, truncate=True)),
+    Case("hf-targets-not-names", "adapters", "an HF adapter whose target_modules is a number", 2,
+         "target_modules must be a string or a list", call=load_adapter, setup=_adapter({**HF, "target_modules": 7})),
+    Case("hf-rank-pattern-list", "adapters", "an HF adapter whose rank_pattern is a list", 2,
+         "rank_pattern must be a mapping", call=load_adapter, setup=_adapter({**HF, "rank_pattern": [4]})),
     Case("hf-no-alpha", "adapters", "an HF adapter without lora_alpha: HF's default 8, not r", 0, "",
          call=load_adapter, setup=_adapter({**{k: v for k, v in HF.items() if k != "lora_alpha"}, "r": 4}),
          check=_alpha_is_hf_default),
