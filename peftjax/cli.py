@@ -171,10 +171,19 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def _warn_unfinished(run_dir: str) -> None:
+    """A run without summary.json stopped early (killed, or diverged): its latest checkpoint may be poor."""
+    run = Path(run_dir)
+    if (run / "config.yaml").exists() and not (run / "summary.json").exists():
+        print(f"peftjax: warning: {run} did not finish (no summary.json); using its latest checkpoint",
+              file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from peftjax.generate import generate_text
     from peftjax.train import load_run
 
+    _warn_unfinished(args.run_dir)
     model, tokenizer = load_run(args.run_dir)
     prompt = args.prompt
     if args.chat:
@@ -192,6 +201,7 @@ def cmd_export(args) -> int:
         raise PeftjaxError(f"{out} is a file; choose a new output directory")
     if out.exists() and any(out.iterdir()):
         raise PeftjaxError(f"{out} exists and is not empty; choose a new output directory")
+    _warn_unfinished(args.run_dir)
     model, tokenizer = load_run(args.run_dir)
     if args.format == "hf-peft":
         save_hf_adapter(model, out)

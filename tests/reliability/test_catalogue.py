@@ -151,7 +151,7 @@ def _hold_lock(w: Work):
     return lock_run_dir(w.run)
 
 
-def _unfinished_cosine_run(w: Work):
+def _unfinished_run(w: Work):
     run = w.copy_run()
     (run / "summary.json").unlink()
 
@@ -306,7 +306,7 @@ CASES = [
     Case("resume-more-steps", "runs", "--resume with more train.steps under a cosine schedule", 2,
          "the cosine schedule depends on train.steps",
          ("train", "{finished_config}", "--out", "{run}", "--resume", "--set", "train.steps=8"),
-         setup=_unfinished_cosine_run, unchanged=("metrics.jsonl", "config.yaml")),
+         setup=_unfinished_run, unchanged=("metrics.jsonl", "config.yaml")),
     Case("resume-other-config", "runs", "--resume with a changed learning rate", 2,
          "--resume: train.learning_rate is 0.01",
          ("train", "{finished_config}", "--out", "{run}", "--resume", "--set", "train.learning_rate=0.5"),
@@ -334,6 +334,9 @@ CASES = [
     Case("generate-past-context", "generate/export", "--max-new-tokens past the model's context", 2,
          "exceed the model's context of 256", ("generate", "{run}", "Enter", "--max-new-tokens", "300"),
          setup=_finished),
+    Case("generate-unfinished", "generate/export", "generate from a run that did not finish (killed or "
+         "diverged)", 0, "did not finish (no summary.json); using its latest checkpoint",
+         ("generate", "{run}", "Enter", "--max-new-tokens", "2"), setup=_unfinished_run),
     Case("generate-not-a-run", "generate/export", "generate from a directory that is no run", 2,
          "is not a run directory", ("generate", "{tmp}", "Enter")),
     Case("export-non-empty", "generate/export", "export into a non-empty directory", 2, "exists and is not empty",
