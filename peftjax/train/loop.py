@@ -121,13 +121,14 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     eval_fn = make_eval_fn(graphdef, compute_dtype, data.eval.candidates)
 
     ckpt_dir = out / "checkpoints"
-    start_step, state = 0, {"nonfinite_total": 0, "eval_before": None}
+    start_step, state = 0, {"nonfinite_total": 0, "eval_before": None, "consecutive": 0}
     if resume and ckpt_dir.exists():
         ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
         if ckpt.latest_step() is not None:
             trainable, opt_state, meta = ckpt.restore(trainable, opt_state, config=config)  # latest intact one
             start_step = meta["step"]
-            state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"])
+            state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"],
+                         consecutive=meta.get("nonfinite_consecutive", 0))
             if meta["data_position"] != start_step * tc.grad_accum:
                 raise PeftjaxError(f"checkpoint data position {meta['data_position']} does not match step "
                                    f"{start_step} x train.grad_accum {tc.grad_accum}")
@@ -171,7 +172,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
     step_times, losses = prior_times, prior_losses
-    compile_s, consecutive, saved_step = None, 0, start_step
+    compile_s, consecutive, saved_step = None, state["consecutive"], start_step  # the run's streak
     peak_rss_first = None
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
     dropout_root = jax.random.key(tc.seed)  # the run's only randomness after init: dropout keys by step
@@ -179,7 +180,8 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
 
     def save(step):
         return ckpt.save(step, trainable, opt_state, config=config, data_position=step * tc.grad_accum,
-                         extra={"nonfinite_total": state["nonfinite_total"], "eval_before": state["eval_before"]})
+                         extra={"nonfinite_total": state["nonfinite_total"], "eval_before": state["eval_before"],
+                                "nonfinite_consecutive": consecutive})
 
     bar = tqdm(total=tc.steps, initial=start_step, desc=config.name, unit="step", disable=not progress,
                dynamic_ncols=True)

@@ -163,3 +163,29 @@ def test_report_names_unfinished_points_and_skips_a_cut_line(tmp_path):
         f.write('{"name": "rank=8", "poi')  # the sweep was killed while writing
     text, _ = write_sweep_report(tmp_path / "s")
     assert "2 finished runs" in text and "Not finished (left out): rank=4 (interrupted)" in text
+
+
+def test_the_nonfinite_streak_survives_a_resume(play_files, tmp_path, monkeypatch):
+    """Steps 5.. report non-finite losses; with max_nonfinite=3 a 6-step run ends with a streak of 2, and its
+    continuation to 8 steps stops at step 7, as one uninterrupted run would."""
+    import jax
+
+    from peftjax.errors import PeftjaxError
+    from peftjax.train import run
+
+    original, calls = jax.device_get, []
+
+    def poisoned(x):
+        out = original(x)
+        if isinstance(out, dict) and "finite" in out:
+            calls.append(1)
+            if len(calls) >= 5:
+                out = {**out, "finite": False, "loss": float("nan")}
+        return out
+
+    monkeypatch.setattr(jax, "device_get", poisoned)
+    config = _tiny_run_config(play_files, schedule="constant", max_nonfinite=3, steps=6, save_every=0)
+    assert run(config, tmp_path / "run", progress=False)["nonfinite_skipped"] == 2
+    longer = _tiny_run_config(play_files, schedule="constant", max_nonfinite=3, steps=8, save_every=0)
+    with pytest.raises(PeftjaxError, match="stopped at step 7: 3 non-finite"):
+        run(longer, tmp_path / "run", progress=False, resume=True)
