@@ -6,6 +6,7 @@ and ETA; checkpoints make a killed run resumable bitwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -49,7 +50,16 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     if out.exists() and not out.is_dir():
         raise PeftjaxError(f"run directory {out} is a file; choose another --out")
     with lock_run_dir(out):
-        return _run(config, out, overwrite=overwrite, progress=progress, resume=resume)
+        try:
+            return _run(config, out, overwrite=overwrite, progress=progress, resume=resume)
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            raise PeftjaxError(f"{e.filename or out}: {e.strerror}; the run stopped, its checkpoints stay usable: "
+                               "free space or fix the permissions, then --resume") from None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 LOCK_ENV = "PEFTJAX_RUN_DIR_LOCKED"  # set by a parent (a sweep) that holds the run directory's lock for its child

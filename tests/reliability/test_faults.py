@@ -189,3 +189,26 @@ def test_the_nonfinite_streak_survives_a_resume(play_files, tmp_path, monkeypatc
     longer = _tiny_run_config(play_files, schedule="constant", max_nonfinite=3, steps=8, save_every=0)
     with pytest.raises(PeftjaxError, match="stopped at step 7: 3 non-finite"):
         run(longer, tmp_path / "run", progress=False, resume=True)
+
+
+def test_a_full_disk_while_writing_the_summary_is_one_line_and_the_run_resumes(play_files, tmp_path, monkeypatch):
+    import errno
+
+    import peftjax.train.loop as loop
+    from peftjax.errors import PeftjaxError
+    from peftjax.train import run
+
+    original = loop.write_json
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loop, "write_json", full)
+    config = _tiny_run_config(play_files)
+    with pytest.raises(PeftjaxError) as info:
+        run(config, tmp_path / "run", progress=False)
+    assert str(info.value).startswith(f"{tmp_path / 'run' / 'summary.json'}: No space left on device; the run "
+                                      "stopped")
+    monkeypatch.setattr(loop, "write_json", original)
+    summary = run(config, tmp_path / "run", progress=False, resume=True)
+    assert summary["steps"] == 4 and (tmp_path / "run" / "summary.json").exists()
