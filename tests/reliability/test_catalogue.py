@@ -145,6 +145,50 @@ def _changed_values(w: Work):
     meta_file.write_text(json.dumps(meta))
 
 
+def _local_asset(*, keep_archive: bool):
+    """A fetched asset ``catalogue-local`` (its archive in the cache: no network) whose extracted file then had
+    4 bytes changed with its modification time put back; registered only while the case runs."""
+    @contextlib.contextmanager
+    def registered(w: Work):
+        import os
+        import zipfile
+
+        from peftjax import assets
+
+        dist = w.tmp / "cache" / "catalogue-local" / "dist"
+        dist.mkdir(parents=True)
+        with zipfile.ZipFile(dist / "local-1.0-py3-none-any.whl", "w") as z:
+            z.writestr("local/weights.bin", bytes(range(256)) * 16)
+        asset = assets.Asset(name="catalogue-local", requirement="peftjax-no-such-package-xyz==1.0",
+                             sha256=_digest(dist / "local-1.0-py3-none-any.whl"), members=("local/*",))
+        assets.ASSETS[asset.name] = asset
+        try:
+            weights = assets.fetch(asset.name, quiet=True) / "local" / "weights.bin"
+            if not keep_archive:
+                shutil.rmtree(dist)
+            st = weights.stat()
+            raw = bytearray(weights.read_bytes())
+            raw[100:104] = b"\xff\xff\xff\xff"
+            weights.write_bytes(bytes(raw))
+            os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+            yield
+        finally:
+            del assets.ASSETS[asset.name]
+
+    return registered
+
+
+def fetch_local(w: Work):
+    """fetch("catalogue-local") (a pinned asset)"""
+    from peftjax import assets
+
+    return assets.fetch("catalogue-local", quiet=True)
+
+
+def _fetched_bytes_restored(w: Work, files):
+    assert (files / "local" / "weights.bin").read_bytes() == bytes(range(256)) * 16
+
+
 def _hold_lock(w: Work):
     from peftjax.train.loop import lock_run_dir
 
@@ -388,6 +432,14 @@ CASES = [
     Case("cache-is-a-file", "assets", "PEFTJAX_CACHE names a file (local data, tiny model)", 2,
          "is not a writable directory", ("train", "{config}", "--out", "{run}"),
          setup=_cache_file, env=(("PEFTJAX_CACHE", "{tmp}/cache"),), absent=("run",)),
+    Case("asset-changed", "assets", "a cached asset file whose bytes changed (mtime put back)", 0,
+         "changed since it was fetched; extracting it again from the sha256-checked archive", call=fetch_local,
+         setup=_local_asset(keep_archive=True), env=(("PEFTJAX_CACHE", "{tmp}/cache"),),
+         check=_fetched_bytes_restored),
+    Case("asset-changed-offline", "assets", "a changed cached asset whose archive is gone, offline", 2,
+         "could not download peftjax-no-such-package-xyz==1.0", call=fetch_local,
+         setup=_local_asset(keep_archive=False), env=(("PEFTJAX_CACHE", "{tmp}/cache"),),
+         absent=("cache/catalogue-local/.complete",)),
     Case("unknown-asset", "assets", "fetch of an unknown asset", 2, "known assets:", ("fetch", "llama")),
     Case("gguf-bad-magic", "assets", "a .gguf model file that is not GGUF", 2, "model.gguf",
          ("train", "{config}", "--out", "{run}", "--set", "model.name={tmp}/model.gguf"),
