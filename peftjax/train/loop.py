@@ -28,7 +28,7 @@ from peftjax.errors import PeftjaxError
 from peftjax.peft import get_method
 from peftjax.quant.policy import rule_bits
 from peftjax.train.build import DTYPES, build
-from peftjax.train.checkpoint import Checkpointer, CorruptCheckpoint, directory_bytes
+from peftjax.train.checkpoint import Checkpointer, directory_bytes
 from peftjax.train.optim import make_optimizer
 from peftjax.train.probes import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
 from peftjax.train.rundir import RunSummary, check_resumable, write_json
@@ -42,7 +42,11 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
     Every check that can fail on user input (config, model, targets, data, a checkpoint to resume) runs before
     anything in ``out`` is written. With ``resume`` the latest checkpoint in ``out`` is restored (trainable,
     optimizer state, step, data position) and training continues; the result is bitwise that of an uninterrupted
-    run. A run that has no checkpoint yet starts from the beginning.
+    run. A run that has no checkpoint yet starts from the beginning; a corrupt latest checkpoint is skipped for the
+    previous intact one; a finished run is left as it is.
+
+    The run directory is locked (``.NAME.lock`` beside it) while the run lasts: a second process training into it
+    is refused. A full disk or a permission error while writing is one line; the checkpoints stay usable.
     """
     out = Path(out)
     if resume and overwrite:
