@@ -156,8 +156,10 @@ class Checkpointer:
             raise PeftjaxError(f"no checkpoint {where}")
         try:
             meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if not isinstance(meta, dict) or "identity" not in meta:
-                raise ValueError("meta holds no identity")
+            missing = [k for k in ("identity", "step", "data_position", "trainable", "opt_state")
+                       if not isinstance(meta, dict) or k not in meta]
+            if missing:
+                raise ValueError(f"meta lacks {missing[0]!r}")
         except Exception as e:  # noqa: BLE001 - whatever orbax / tensorstore raise for damaged files
             raise CorruptCheckpoint(f"checkpoint {where} is unreadable ({_reason(e)})") from None
         check_identity(meta["identity"], identity(config), where=where)
