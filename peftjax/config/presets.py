@@ -4,7 +4,8 @@
 A preset is a partial run config (nested sections); a config that names it overrides any of its values. Every
 registered PEFT method's name is also accepted where a preset is (``vera`` = ``{peft: {method: vera}}``), so there is
 no second list of methods. The QLoRA presets follow the paper (Dettmers et al. 2023): NF4 blocks of 64 with the
-scales double-quantized in blocks of 256, LoRA on every linear layer.
+scales double-quantized in blocks of 256, LoRA on every linear layer, and the weights that are not quantized (the
+embedding, which is also the tied output head, and the norms) stored in bfloat16; computation is float32.
 """
 from __future__ import annotations
 
@@ -34,19 +35,29 @@ def _quant(fmt: str, double_quant: bool) -> dict:
     return {"format": fmt, "block_size": 64, "double_quant": double_quant}
 
 
+# QLoRA keeps what it does not quantize (embedding / tied head, norms) in 16 bits; computation stays float32 on CPU
+_QBASE = {"param_dtype": "bfloat16"}
+
+
 register_preset("lora", "LoRA", {"peft": {"method": "lora"}}, "LoRA on the base in model.param_dtype")
 register_preset("lora-bf16", "LoRA (bf16 base)", {"peft": {"method": "lora"}, "model": {"param_dtype": "bfloat16"}},
                 "LoRA on a bfloat16-stored base, the usual 16-bit baseline of QLoRA comparisons")
-register_preset("qlora", "QLoRA (NF4+DQ)", {"peft": {"method": "lora"}, "quant": _quant("nf4", True)},
-                "LoRA on an NF4 base, blocks of 64, double-quantized scales (the QLoRA paper's setting)")
-register_preset("qlora-nf4", "QLoRA (NF4)", {"peft": {"method": "lora"}, "quant": _quant("nf4", False)},
+register_preset("qlora", "QLoRA (NF4+DQ)",
+                {"peft": {"method": "lora"}, "quant": _quant("nf4", True), "model": _QBASE},
+                "LoRA on an NF4 base, blocks of 64, double-quantized scales, the rest of the base in bfloat16 "
+                "(the QLoRA paper's setting)")
+register_preset("qlora-nf4", "QLoRA (NF4)",
+                {"peft": {"method": "lora"}, "quant": _quant("nf4", False), "model": _QBASE},
                 "QLoRA without double quantization")
-register_preset("qlora-fp4", "QLoRA (FP4+DQ)", {"peft": {"method": "lora"}, "quant": _quant("fp4", True)},
+register_preset("qlora-fp4", "QLoRA (FP4+DQ)",
+                {"peft": {"method": "lora"}, "quant": _quant("fp4", True), "model": _QBASE},
                 "LoRA on an FP4 base (the paper's comparison data type)")
-register_preset("qlora-int4", "QLoRA (INT4+DQ)", {"peft": {"method": "lora"}, "quant": _quant("int4", True)},
+register_preset("qlora-int4", "QLoRA (INT4+DQ)",
+                {"peft": {"method": "lora"}, "quant": _quant("int4", True), "model": _QBASE},
                 "LoRA on an absmax int4 base")
 register_preset("dora", "DoRA", {"peft": {"method": "lora", "dora": True}}, "LoRA with DoRA's magnitude vector")
-register_preset("qdora", "QDoRA (NF4+DQ)", {"peft": {"method": "lora", "dora": True}, "quant": _quant("nf4", True)},
+register_preset("qdora", "QDoRA (NF4+DQ)",
+                {"peft": {"method": "lora", "dora": True}, "quant": _quant("nf4", True), "model": _QBASE},
                 "DoRA on the QLoRA base")
 register_preset("full", "Full FT", {"peft": {"method": "full"}}, "full fine-tuning (every parameter trains)")
 

@@ -52,6 +52,28 @@ def sub_key(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
+def after(q, x):
+    """``q`` (an array or a pytree such as a quantized tensor) with a data dependency on ``x`` and the same values:
+    every float leaf plus ``0 * x[0, ..., 0]``, every integer leaf plus ``(that zero != 0)``.
+
+    Nothing else orders the decoding of a stored weight (bfloat16 -> float32, or a dequantization) after the
+    layer's input (or, backwards, its cotangent), and XLA on CPU schedules every such decoding of the step first:
+    every layer's float32 weight is then alive at once, as much memory as a float32 model (optimization barriers
+    are dropped before scheduling). A product with zero is not simplified away for floats (it is NaN for a
+    non-finite input, which the train step's non-finite guard rejects anyway), so each weight is decoded just
+    before its matmul and freed after it.
+    """
+    zero = x.reshape(-1)[0].astype(jnp.float32) * 0.0
+    int_zero = (zero != 0).astype(jnp.uint8)  # on integer codes too, or XLA shares their decoding between passes
+
+    def depend(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf + zero.astype(leaf.dtype)
+        return leaf + int_zero.astype(leaf.dtype)
+
+    return jax.tree.map(depend, q)
+
+
 class Linear(nnx.Module):
     """y = x @ W (+ b), W of shape (d_in, d_out), a frozen base weight unless surgery re-types it."""
 
@@ -61,13 +83,18 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
-    def kernel(self, dtype) -> jax.Array:
-        """The dense weight in ``dtype``; quantized subclasses dequantize here, inside the traced matmul."""
-        return self.weight[...].astype(dtype)
+    def kernel(self, dtype, x: jax.Array | None = None) -> jax.Array:
+        """The dense weight in ``dtype``; quantized subclasses dequantize here, inside the traced matmul. Given the
+        layer's input ``x``, a weight stored in another dtype (a bfloat16 base under float32 compute) is converted
+        after ``x`` exists (:func:`after`), just before its matmul."""
+        w = self.weight[...]
+        if w.dtype == dtype:
+            return w
+        return (w if x is None else after(w, x)).astype(dtype)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """``key``: the call's randomness (adapter dropout); a plain linear layer has none and ignores it."""
-        y = x @ self.kernel(x.dtype)
+        y = x @ self.kernel(x.dtype, x)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)[None, :]
         return y
@@ -201,8 +228,39 @@ class DecoderLayer(nnx.Module):
         return h_ND + self.mlp(self.post_attention_layernorm(h_ND), sub_key(key, 1)), new_kv
 
 
-def _run_layer(layer, h_ND, shape_BT, cos, sin, cache_kv, cache_length, key):
-    return layer(h_ND, shape_BT, cos, sin, cache_kv, cache_length, key)
+def recompute_in_backward(fn):
+    """``fn(params, x)`` whose backward pass recomputes ``fn``'s activations from ``(params, x)`` instead of keeping
+    them (activation checkpointing, Chen et al. 2016).
+
+    ``jax.checkpoint`` does this with optimization barriers, which XLA on CPU drops before it merges common
+    subexpressions: the recomputation is then merged back into the forward pass and nothing is saved (measured: the
+    same step memory with and without it). Here the backward pass recomputes from ``x + 0 * cotangent[0]``, a value
+    the forward pass never had, so the recomputation stays in the backward pass, one layer at a time.
+    """
+    @jax.custom_vjp
+    def call(params, x):
+        return fn(params, x)
+
+    def fwd(params, x):
+        return fn(params, x), (params, x)
+
+    def bwd(saved, ct):
+        params, x = saved
+        x = x + (ct.reshape(-1)[0] * 0).astype(x.dtype)
+        return jax.vjp(fn, params, x)[1](ct)
+
+    call.defvjp(fwd, bwd)
+    return call
+
+
+def _remat_layer(layer, h_ND, shape_BT, cos, sin, key):
+    """``layer(h_ND, ...)`` (no cache) with its activations recomputed in the backward pass."""
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, h):
+        return nnx.merge(graphdef, state)(h, shape_BT, cos, sin, None, None, key)[0]
+
+    return recompute_in_backward(pure)(state, h_ND)
 
 
 class Embedding(nnx.Module):
@@ -211,10 +269,6 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids):
         return jnp.take(self.weight[...], ids, axis=0)
-
-    def attend(self, h_ND):
-        """Tied output head: logits = h @ E^T."""
-        return h_ND @ self.weight[...].astype(h_ND.dtype).T
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -241,8 +295,8 @@ class LlamaForCausalLM(nnx.Module):
         With prompt tuning the virtual tokens are prepended (once: decode steps pass ``prepend_prompt=False``),
         attended to, and dropped from the returned states, so they line up with ``ids_BT``. ``dropout_key`` is
         the call's randomness (adapter dropout; layer i gets ``fold_in(key, i)``). ``remat`` recomputes each
-        decoder layer's activations in the backward pass (``nnx.remat``: only the layer inputs are kept;
-        a layer's forward pass writes no state, so no graph updates flow back out).
+        decoder layer's activations in the backward pass (:func:`recompute_in_backward`: only the layer inputs
+        are kept).
         """
         B, T_in = ids_BT.shape
         n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
@@ -258,10 +312,12 @@ class LlamaForCausalLM(nnx.Module):
             virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         new_keys, new_values = [], []
-        run_layer = nnx.remat(_run_layer, static_argnums=(2,), graph_updates=False) if remat else _run_layer
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, new_kv = run_layer(layer, h, (B, T), cos, sin, kv, start, sub_key(dropout_key, i))
+            if remat and cache is None:
+                h, new_kv = _remat_layer(layer, h, (B, T), cos, sin, sub_key(dropout_key, i)), None
+            else:
+                h, new_kv = layer(h, (B, T), cos, sin, kv, start, sub_key(dropout_key, i))
             if new_kv is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
@@ -270,8 +326,13 @@ class LlamaForCausalLM(nnx.Module):
             h = h.reshape(B, T, -1)[:, n_virtual:].reshape(B * T_in, -1)
         return self.norm(h), new_cache
 
+    def head_weight(self) -> jax.Array:
+        """The output head as stored, (V, D): the embedding of a tied model."""
+        return self.embed_tokens.weight[...]
+
     def logits(self, h_ND: jax.Array) -> jax.Array:
-        return self.embed_tokens.attend(h_ND).astype(jnp.float32)
+        """h @ W_head^T in ``h``'s dtype, returned in float32."""
+        return (h_ND @ self.head_weight().astype(h_ND.dtype).T).astype(jnp.float32)
 
     def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
                  prepend_prompt: bool = True, dropout_key: jax.Array | None = None):

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models.llama import Linear
+from peftjax.models.llama import Linear, LlamaForCausalLM, after
+from peftjax.models.loading import load_into, open_checkpoint
+from peftjax.errors import PeftjaxError
 from peftjax.variables import Quantized
 from peftjax.quant import dequantize, fake_quant, quantize
 from peftjax.rules import as_patterns, modules_of_type
@@ -46,26 +48,6 @@ class QuantRule:
         return {"fmt": self.format, "block_size": self.block_size, "axis": self.axis,
                 "asymmetric": self.asymmetric, "double_quant": self.double_quant,
                 "dq_block_size": self.dq_block_size}
-
-
-def _after(q, x):
-    """``q`` with a data dependency on ``x`` and the same values: every float leaf plus ``0 * x[0, ..., 0]``.
-
-    Nothing else orders a layer's dequantization after the layer's input (or, backwards, its cotangent), and XLA
-    on CPU schedules every dequantization of the step first: every layer's float weight is then alive at once,
-    as much memory as the dense model (optimization barriers are dropped before scheduling). A product with zero
-    is not simplified away for floats (it is NaN for a non-finite input, which the train step's non-finite guard
-    rejects anyway), so each weight is dequantized just before its matmul and freed after it.
-    """
-    zero = x.reshape(-1)[0].astype(jnp.float32) * 0.0
-    int_zero = (zero != 0).astype(jnp.uint8)  # on the codes too, or XLA shares their decoding between passes
-
-    def depend(leaf):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf + zero.astype(leaf.dtype)
-        return leaf + int_zero.astype(leaf.dtype)
-
-    return jax.tree.map(depend, q)
 
 
 def _stored_axis(axis: int | None) -> int | None:
@@ -96,7 +78,7 @@ def fake_quant_kernel(w_DO: jax.Array, fmt: str, *, axis: int | None = None, **k
 def quantized_matmul(x: jax.Array, q) -> jax.Array:
     """x @ W for W stored by :func:`quantize_kernel` (dequantized inside the matmul), differentiable in x; q is a
     constant (the frozen base)."""
-    return x @ dequantize(_after(q, x), x.dtype).T
+    return x @ dequantize(after(q, x), x.dtype).T
 
 
 def _qmm_fwd(x, q):
@@ -110,7 +92,7 @@ def _zero_cotangent(leaf):
 
 
 def _qmm_bwd(q, g):
-    return g @ dequantize(_after(q, g), g.dtype), jax.tree.map(_zero_cotangent, q)
+    return g @ dequantize(after(q, g), g.dtype), jax.tree.map(_zero_cotangent, q)
 
 
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
@@ -128,8 +110,9 @@ class QuantizedLinear(Linear):
         self.weight = Quantized(quantize_kernel(base.weight[...], name=name, **rule.quantize_kwargs()))
         self.bias = base.bias
 
-    def kernel(self, dtype) -> jax.Array:
-        return dequantize_kernel(self.weight.get_value(), dtype)
+    def kernel(self, dtype, x: jax.Array | None = None) -> jax.Array:
+        q = self.weight.get_value()
+        return dequantize_kernel(q if x is None else after(q, x), dtype)
 
     def requantized(self, w_DO: jax.Array):
         """``w_DO`` quantized with this layer's whole spec and layout (after a merge, PiSSA or LoftQ)."""
@@ -147,6 +130,27 @@ def quantize_model(model: nnx.Module, rules: list[QuantRule]) -> nnx.Module:
     return _replace_linears(model, rules, lambda base, rule, path, i: QuantizedLinear(base, rule, name=path,
                                                                                       rule_index=i),
                             skip=(QuantizedLinear,))  # a QAT-trained FakeQuantLinear is a Linear: it quantizes
+
+
+def load_quantized(name_or_path, rules: list[QuantRule], dtype=jnp.float32, *, num_layers: int | None = None):
+    """``quantize_model(from_pretrained(name_or_path, dtype)[0], rules)`` without the full-precision model: the
+    checkpoint is streamed one tensor at a time and each linear weight a rule matches is quantized as it arrives
+    (float32 first, so the codes are those of :func:`quantize_model`); the rest is stored in ``dtype``. Peak memory
+    is the quantized model plus one tensor, so a base whose 16-bit weights would not fit in memory still loads.
+    Returns (model, tokenizer)."""
+    ckpt = open_checkpoint(name_or_path).truncated(num_layers)
+    abstract = nnx.eval_shape(lambda: quantize_model(LlamaForCausalLM(ckpt.config, rngs=nnx.Rngs(0), dtype=dtype),
+                                                     rules))
+
+    def convert(name, variable, w_DO):
+        if not isinstance(variable, Quantized):
+            return None
+        q = variable.get_value()
+        if tuple(w_DO.shape[::-1]) != tuple(q.shape):
+            raise PeftjaxError(f"tensor {name} has shape {tuple(w_DO.shape)}, the model expects {q.shape[::-1]}")
+        return quantize(jnp.asarray(np.asarray(w_DO, np.float32).T), name=name, **q.spec)
+
+    return load_into(abstract, ckpt.tensors(), convert), ckpt.tokenizer
 
 
 def _replace_linears(model: nnx.Module, rules: list[QuantRule], make, *, skip: tuple[type, ...]) -> nnx.Module:
@@ -185,7 +189,7 @@ class FakeQuantLinear(Linear):
         self.rule = rule
         self.weight, self.bias = base.weight, base.bias
 
-    def kernel(self, dtype) -> jax.Array:
+    def kernel(self, dtype, x: jax.Array | None = None) -> jax.Array:
         kwargs = self.rule.quantize_kwargs()
         w = fake_quant_kernel(self.weight[...].astype(jnp.float32), kwargs.pop("fmt"), **kwargs)
         return w.astype(dtype)

@@ -33,6 +33,7 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
         config.model.param_dtype = param_dtype
     config.train.steps, config.train.batch_size, config.train.learning_rate = steps + warmup, batch, 1e-4
     net = build(config, with_data=False).model
+    load_peak = peak_rss_bytes()  # loading (and quantizing on load) is all this process has done so far
     vocab = net.config.vocab_size
     graphdef, trainable, frozen = partition.split(net)
     del net
@@ -59,7 +60,8 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
         "peftjax": "bench", "model": model, "method": method, "peft_method": config.method, "quant": quant,
         "double_quant": double_quant, "param_dtype": config.model.param_dtype, "remat": remat, "batch": batch,
         "seq": seq, "rank": rank, "targets": targets, "median_step_s": median, "tokens_per_s": batch * seq / median,
-        "step_device_bytes": memory["total"], "peak_rss_bytes": peak_rss_bytes(),
+        "step_device_bytes": memory["total"], "step_temp_bytes": memory["temp"], "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_load_bytes": load_peak,
         "compile_s": compile_s, "trainable_params": partition.param_count(trainable),
         "frozen_bytes": partition.tree_nbytes(frozen), "loss": float(metrics["loss"]), "steps": steps,
         "step_times_s": times, "backend": jax.default_backend(), "jax_version": jax.__version__,

@@ -12,9 +12,11 @@ builds (one and two decoder layers) give the per-layer and fixed parts exactly, 
 - **optimizer**: AdamW's two float32 moments per trainable parameter, plus a float32 master copy when full
   fine-tuning trains weights held in a 16-bit dtype (mixed precision: 2 + 2 + 4 + 4 + 4 = 16 bytes per parameter);
 - **activations**: what the backward pass keeps per token and decoder layer, in ``--compute-dtype``: each
-  RMSNorm's input and output (4 d), the rotated q and k and the values (d + 2 kv), the attention probabilities
-  (heads x attended positions), the attention output (d), and the MLP's gate, up, SiLU(gate) and gated product
-  (4 ff); at the head, float32 logits, their softmax and its gradient (3 V per token). With ``remat`` only each
+  RMSNorm's input and output (4 d), the rotated q and k and the values (d + 2 kv), the attention scores, their
+  causally masked copy and the probabilities (3 x heads x attended positions; XLA on CPU keeps all three), the
+  attention output (d), and the MLP's gate, up, SiLU(gate) and gated product
+  (4 ff); at the head, float32 logits, their softmax and its gradient (3 V per token) for one chunk of tokens
+  (the loss never holds more) and the gradient of the final hidden states (d per token). With ``remat`` only each
   layer's input (d) is kept, and one layer's worth is recomputed at a time.
 
 Not estimated: the framework's own resident memory (Python, JAX, XLA's compiled code and scratch), which is a
@@ -93,11 +95,14 @@ def _abstract_split(arch: LlamaConfig, num_layers: int, config):
     """(trainable, frozen) as ShapeDtypeStruct trees of a ``num_layers``-layer build, quantized and adapted."""
     from peftjax import partition
     from peftjax.models.llama import LlamaForCausalLM
+    from peftjax.quant.policy import quantize_model
     from peftjax.train import build_model
 
     def build():
         arch_n = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=True)
         model = LlamaForCausalLM(arch_n, rngs=nnx.Rngs(0))
+        if config.quant.rules:
+            model = quantize_model(model, list(config.quant.rules))
         _, trainable, frozen = partition.split(build_model(config, (model, None))[0])
         return trainable, frozen
 
@@ -126,9 +131,13 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
     virtual tokens are extra positions; prefix tuning's are extra keys every position attends to."""
     d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
     positions = seq_len + virtual_tokens
-    per_token_layer = 6 * d + 2 * kv + 4 * ff + arch.num_heads * (positions + prefix_tokens)
+    per_token_layer = 6 * d + 2 * kv + 4 * ff + 3 * arch.num_heads * (positions + prefix_tokens)
     tokens = batch_size * positions
-    head = tokens * 3 * arch.vocab_size * 4  # float32 logits, their softmax and its gradient
+    from peftjax.train.step import LOSS_CHUNK
+
+    # the head's float32 logits, their softmax and its gradient, one chunk of tokens at a time (peftjax.train.loss),
+    # and the gradient of the final hidden states that the loss keeps for the backward pass
+    head = min(tokens, LOSS_CHUNK) * 3 * arch.vocab_size * 4 + tokens * d * compute_bytes
     if remat:
         layers = tokens * (arch.num_layers * d + per_token_layer) * compute_bytes
     else:

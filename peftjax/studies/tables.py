@@ -2,8 +2,9 @@
 
 Each layout turns a sweep's records (``DIR/results.jsonl``) into the table a paper prints, plus its plots:
 
-- ``lora-vs-qlora``: Technique | Epochs | Training time | Memory, with quality and trainable parameters (memory:
-  the peak RSS of the training steps after the first, and the peak including the first step's compilation);
+- ``lora-vs-qlora``: Technique | Epochs | Training time | Memory, with quality and trainable parameters (memory
+  three ways: the frozen weights, XLA's allocation for the step, which is what a GPU user sees, and the process's
+  peak RSS over training and over loading);
 - ``rank``: held-out loss per LoRA rank, one column per target set (the LoRA paper's rank tables);
 - ``bits``: per base format, bits per frozen parameter, loss of the quantized base before training and after
   LoRA (the QLoRA paper's comparison of data types);
@@ -74,19 +75,23 @@ def _plot(out: Path, name: str, draw) -> str | None:
 
 @table("lora-vs-qlora")
 def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
-    header = ["Technique", "Epochs", "Training time", "Memory (peak RSS)", "with compilation", "Frozen weights",
-              "Trainable params", "Eval loss before -> after", "tokens/s"]
+    header = ["Technique", "Epochs", "Training time", "Frozen weights", "Step device memory", "Peak RSS (training)",
+              "Peak RSS (loading)", "Trainable params", "Eval loss before -> after", "tokens/s"]
     rows = []
     for point, ss in _groups(records):
         s = ss[0]
         steady = "peak_rss_steady_bytes" if all(x.get("peak_rss_steady_bytes") for x in ss) else "peak_rss_bytes"
         rows.append([method_label(s), f"{_mean(ss, 'epochs'):.4f}", _stat(ss, "train_s", "{:.0f}") + " s",
-                     _stat(ss, steady, "{:.2f}", GIB) + " GiB", _stat(ss, "peak_rss_bytes", "{:.2f}", GIB) + " GiB",
-                     f"{s['frozen_bytes'] / MIB:.1f} MiB",
+                     f"{s['frozen_bytes'] / MIB:.1f} MiB", _stat(ss, "step_device_bytes", "{:.0f}", MIB) + " MiB",
+                     _stat(ss, steady, "{:.2f}", GIB) + " GiB", _stat(ss, "peak_rss_load_bytes", "{:.2f}", GIB) + " GiB",
                      f"{s['trainable_params']:,}",
                      _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"),
                      _stat(ss, "tokens_per_s", "{:.0f}")])
-    return markdown_table(header, rows), []
+    note = ("\n\nStep device memory: XLA's allocation for the compiled train step (frozen base, adapter, optimizer "
+            "state, activations, workspace), what a GPU user sees as the device's memory in use. Peak RSS: the whole "
+            "process on this CPU (runtime, compiled code, allocator retention, data included), over the training "
+            "steps after the first, and over loading (reading, quantizing and adapting the base).")
+    return markdown_table(header, rows) + note, []
 
 
 @table("rank")

@@ -25,31 +25,31 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_base(config: RunConfig):
-    """The base model and tokenizer named by ``config.model``, truncated to ``num_layers`` when set."""
+    """The base model and tokenizer named by ``config.model`` (the first ``num_layers`` decoder layers when set),
+    its linear layers quantized by ``config.quant``: a checkpoint is quantized as it is read (the full-precision
+    model never exists, :func:`peftjax.quant.policy.load_quantized`); the random ``tiny`` model after it is drawn."""
     from peftjax.models import LlamaConfig, LlamaForCausalLM, from_pretrained
     from peftjax.models.tokenizer import byte_tokenizer
+    from peftjax.quant.policy import load_quantized
 
     mc = config.model
     dtype = DTYPES[mc.param_dtype]
+    rules = list(config.quant.rules)
     if mc.name == "tiny":
-        model, tokenizer = LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(config.train.seed), dtype=dtype), \
-            byte_tokenizer()
-    else:
-        model, tokenizer = from_pretrained(mc.name, dtype=dtype)
-    if mc.num_layers is not None:
-        if not 1 <= mc.num_layers <= model.config.num_layers:
-            raise PeftjaxError(f"model.num_layers must be between 1 and {model.config.num_layers}, "
-                               f"got {mc.num_layers}")
-        model.layers = nnx.List(list(model.layers)[: mc.num_layers])
-        model.config = dataclasses.replace(model.config, num_layers=mc.num_layers)
-    return model, tokenizer
+        tiny = LlamaConfig.tiny()
+        if mc.num_layers is not None and not 1 <= mc.num_layers <= tiny.num_layers:
+            raise PeftjaxError(f"model.num_layers must be between 1 and {tiny.num_layers}, got {mc.num_layers}")
+        tiny = dataclasses.replace(tiny, num_layers=mc.num_layers or tiny.num_layers)
+        model = LlamaForCausalLM(tiny, rngs=nnx.Rngs(config.train.seed), dtype=dtype)
+        return (quantize_model(model, rules) if rules else model), byte_tokenizer()
+    if rules:
+        return load_quantized(mc.name, rules, dtype, num_layers=mc.num_layers)
+    return from_pretrained(mc.name, dtype=dtype, num_layers=mc.num_layers)
 
 
 def build_model(config: RunConfig, base=None):
-    """(model, tokenizer): the base (loaded unless given), quantized by ``config.quant``, the method applied."""
+    """(model, tokenizer): the base (loaded, and quantized by ``config.quant``, unless given), the method applied."""
     model, tokenizer = base if base is not None else load_base(config)
-    if config.quant.rules:
-        model = quantize_model(model, list(config.quant.rules))
     return peft.apply(model, config.peft), tokenizer
 
 

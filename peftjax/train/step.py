@@ -16,6 +16,9 @@ import numpy as np
 import optax
 
 from peftjax import partition
+from peftjax.train.loss import head_cross_entropy
+
+LOSS_CHUNK = 64  # tokens per chunk of the output head's logits (peftjax.train.loss)
 
 
 def causal_lm_loss(model, batch, *, compute_dtype=jnp.float32, dropout_key=None, remat: bool = False):
@@ -28,14 +31,18 @@ def causal_lm_loss(model, batch, *, compute_dtype=jnp.float32, dropout_key=None,
 
 
 def _ce(model, batch, *, compute_dtype, dropout_key=None, remat=False):
+    """(summed cross-entropy, counted targets, final hidden states); the head's logits are made
+    :data:`LOSS_CHUNK` tokens at a time (:func:`peftjax.train.loss.head_cross_entropy`), never all at once."""
     tokens = batch["tokens"] if isinstance(batch, dict) else batch
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     h, _ = model.hidden_states(inputs, compute_dtype=compute_dtype, dropout_key=dropout_key, remat=remat)
-    ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), targets.reshape(-1))
-    if not isinstance(batch, dict):
-        return ce.sum(), jnp.asarray(ce.size, jnp.float32), h
-    mask = batch["loss_mask"].reshape(-1).astype(jnp.float32)
-    return (ce * mask).sum(), mask.sum(), h
+    if isinstance(batch, dict):
+        mask = batch["loss_mask"].reshape(-1).astype(jnp.float32)
+        count = mask.sum()
+    else:
+        mask, count = None, jnp.asarray(targets.size, jnp.float32)
+    total = head_cross_entropy(h, model.head_weight(), targets.reshape(-1), mask, chunk=LOSS_CHUNK)
+    return total, count, h
 
 
 def lm_loss(graphdef, trainable, frozen, batch, compute_dtype=jnp.float32):

@@ -13,7 +13,8 @@ def summary(**overrides):
     s = dict(method="lora", quant=None, double_quant=None, trainable_params=1000, total_params=101_000,
              frozen_bytes=400_000, trainable_bytes=4000, optimizer_bytes=8000, peak_rss_bytes=2 * GIB,
              median_step_s=2.0, tokens_per_s=256.0, train_s=70.0, epochs=0.01, eval_loss_before=4.0,
-             eval_loss_after=3.5, linear_bits_per_param=None)
+             eval_loss_after=3.5, linear_bits_per_param=None, step_device_bytes=600 * 2**20,
+             peak_rss_load_bytes=GIB)
     s.update(overrides)
     return s
 
@@ -26,14 +27,16 @@ def write_results(tmp_path, records):
 
 def test_lora_vs_qlora_layout(tmp_path):
     write_results(tmp_path, [
-        ("lora", {"name": "lora"}, summary(peak_rss_steady_bytes=1.5 * GIB)),
+        ("lora", {"name": "lora"}, summary(peak_rss_steady_bytes=1.5 * GIB, peak_rss_load_bytes=1.25 * GIB)),
         ("qlora", {"name": "qlora", "quant.format": "nf4"},
          summary(quant="nf4", double_quant=True, frozen_bytes=120_000, eval_loss_before=4.2, eval_loss_after=3.6)),
     ])
     text, plots = write_table(tmp_path, "lora-vs-qlora")
     lines = text.splitlines()
-    assert lines[0].startswith("| Technique | Epochs | Training time | Memory (peak RSS) | with compilation |")
-    assert lines[2].startswith("| LoRA | 0.0100 | 70 s | 1.50 GiB | 2.00 GiB |")
+    assert lines[0].startswith("| Technique | Epochs | Training time | Frozen weights | Step device memory "
+                               "| Peak RSS (training) | Peak RSS (loading) |")
+    assert lines[2].startswith("| LoRA | 0.0100 | 70 s | 0.4 MiB | 600 MiB | 1.50 GiB | 1.25 GiB | 1,000 |")
+    assert "what a GPU user sees" in text
     assert lines[3].startswith("| QLoRA (NF4+DQ) |") and "4.200 -> 3.600" in lines[3]
     assert (tmp_path / "table.md").read_text().startswith(text)
 
