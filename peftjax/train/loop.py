@@ -30,7 +30,8 @@ from peftjax.quant.policy import rule_bits
 from peftjax.train.build import DTYPES, build
 from peftjax.train.checkpoint import Checkpointer, directory_bytes
 from peftjax.train.optim import make_optimizer
-from peftjax.train.probes import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
+from peftjax.train.probes import (device_peak_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes,
+                                  warm_up_compiler)
 from peftjax.train.rundir import RunSummary, check_resumable, write_json
 from peftjax.train.step import evaluate, make_eval_fn, make_train_step, step_memory
 
@@ -111,7 +112,8 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         check_resumable(out, config)
         _check_same_schedule(out, config)
     t_start = time.perf_counter()
-    rss_start = rss_bytes()  # the interpreter and libraries, before any model or data
+    warm_up_compiler()
+    rss_start = rss_bytes()  # the interpreter, libraries and the compiler's start-up, before any model or data
     built = build(config)
     data, model = built.data, built.model
     rule_report = rule_bits(model)
@@ -185,7 +187,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     if state["eval_before"] is None:
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
     tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
-    step_times, losses = prior_times, prior_losses
+    step_times, losses = list(prior_times), list(prior_losses)  # copies: train_s counts what this process adds
     compile_s, consecutive, saved_step = None, state["consecutive"], start_step  # the run's streak
     peak_rss_first = None
     micro = index_batches(len(data.train), tc.batch_size, tc.seed, start=start_step * tc.grad_accum)
@@ -217,6 +219,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             if compile_s is None:
                 compile_s = dt
                 peak_rss_first = peak_rss_bytes()  # evaluation and the step's compilation (in this process)
+                release_freed_memory()  # the compiler's freed memory, which glibc would keep resident
                 reset_peak_rss()  # from here on: the steady state of training
             else:
                 step_times.append(dt)
@@ -271,7 +274,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         checkpoint_dir=str(ckpt_dir / str(saved_step)),
         peak_rss_bytes=max(peak_rss_bytes(), peak_rss_first or 0),
         peak_rss_steady_bytes=peak_rss_bytes() if peak_rss_first is not None else None,
-        peak_rss_load_bytes=peak_rss_load, rss_start_bytes=rss_start, rss_train_start_bytes=rss_train_start,
+        peak_rss_load_bytes=peak_rss_load, device_peak_bytes=device_peak_bytes(), rss_start_bytes=rss_start, rss_train_start_bytes=rss_train_start,
         median_step_s=median_step, train_s=(compile_s or 0.0) + sum(step_times[len(prior_times):]),
         tokens_per_s=tokens_per_step / median_step if median_step else None, compile_s=compile_s, load_s=load_s,
         eval_loss_before=eval_before["eval_loss"], eval_loss_after=eval_after["eval_loss"],

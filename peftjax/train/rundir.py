@@ -41,13 +41,14 @@ class RunSummary:
     optimizer_bytes: int
     step_device_bytes: int  # XLA's allocation for the compiled train step (arguments + temporaries + outputs)
     step_temp_bytes: int  # of which temporaries (activations, gradients, workspace)
+    device_peak_bytes: int | None  # a GPU's / TPU's allocator peak over the run (memory_stats); None on a CPU
     checkpoint_bytes: int
     checkpoint_trainable_bytes: int
     checkpoint_dir: str
     peak_rss_bytes: int  # the training phase, first step's compilation included
     peak_rss_steady_bytes: int | None  # the training steps after the first
     peak_rss_load_bytes: int  # loading, quantizing and adapting the model
-    rss_start_bytes: int  # the interpreter and libraries, before any model or data
+    rss_start_bytes: int  # the interpreter, libraries and the XLA compiler's start-up, before any model or data
     rss_train_start_bytes: int  # after loading, with freed memory handed back to the OS
     median_step_s: float | None
     train_s: float  # the step loop of this process, compilation included

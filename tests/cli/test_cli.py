@@ -17,6 +17,8 @@ def test_train_writes_run_directory(cli, tiny_args, tmp_path, config):
     assert 0 < summary["trainable_params"] < summary["total_params"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    # the step loop's time is the first step (compilation included) and the three after it
+    assert summary["train_s"] == pytest.approx(sum(r["step_s"] for r in records if "loss" in r), rel=1e-6)
     assert [r["step"] for r in records if "eval_loss" in r] == [4]  # eval at the end
     assert (out / "checkpoints" / "4").is_dir() and summary["checkpoint_bytes"] > 0
     assert "rank: 4" in (out / "config.yaml").read_text()
