@@ -2,12 +2,12 @@
 a float32 base, LoRA on a bfloat16 base and QLoRA (NF4 + double quantization, the rest of the base in bfloat16), all
 with float32 compute, next to `peftjax memory`'s estimate of the step.
 
-    .venv/bin/python experiments/qlora_memory/run.py [--rounds 2] [--batch 1 --seq 256]   # writes results.jsonl
-    .venv/bin/python experiments/qlora_memory/run.py --table                               # results.jsonl -> table.md
+    .venv/bin/python experiments/qlora_memory/run.py [--rounds 2] [--batch 1 --seq 256]   # writes measurements.jsonl
+    .venv/bin/python experiments/qlora_memory/run.py --table                               # measurements.jsonl -> table.md
 
 Each measurement is `peftjax bench` in its own process (so its peak RSS is its own), the configurations alternating
 (A B C A B C ...) so that drift of the machine hits all of them, and `peftjax memory`'s estimate beside each; SmolLM2-135M-Instruct, LoRA r=8 on every linear
-layer, activation checkpointing on. The table is generated from results.jsonl (medians over the rounds).
+layer, activation checkpointing on. The table is generated from measurements.jsonl (medians over the rounds).
 """
 import argparse
 import json
@@ -49,11 +49,11 @@ def measure(a) -> None:
             rows.append(record)
             print(json.dumps({k: record[k] for k in ("label", "round", "step_device_bytes", "tokens_per_s")}),
                   flush=True)
-    (HERE / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (HERE / "measurements.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def table() -> str:
-    rows = [json.loads(line) for line in (HERE / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (HERE / "measurements.jsonl").read_text().splitlines()]
     by = {label: [r for r in rows if r["label"] == label] for label, _, _ in CONFIGS}
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     first = rows[0]
@@ -81,7 +81,7 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--table", action="store_true", help="only regenerate table.md from results.jsonl")
+    p.add_argument("--table", action="store_true", help="only regenerate table.md from measurements.jsonl")
     a = p.parse_args()
     if not a.table:
         measure(a)

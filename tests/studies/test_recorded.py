@@ -26,3 +26,14 @@ def test_tables_regenerate_byte_identically(tmp_path, capsys, name):
     assert main(["report", str(work), "--table", TABLES[name]]) == 0
     for f in ("table.md", "report.md", "report.csv"):
         assert (work / f).read_text() == (source / f).read_text(), f"{name}/{f} differs from its regeneration"
+
+
+def test_qlora_memory_table_regenerates_from_its_measurements():
+    """experiments/qlora_memory is not a sweep: its run.py measures and writes measurements.jsonl, and its
+    table.md is that script's rendering of them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qlora_memory_run", EXPERIMENTS / "qlora_memory" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.table() == (EXPERIMENTS / "qlora_memory" / "table.md").read_text()
