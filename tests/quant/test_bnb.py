@@ -1,4 +1,4 @@
-"""Parity with bitsandbytes 0.50.2 (CPU backend) on ../shared/fixtures/bnb_4bit_reference.npz (16 NF4/FP4 cases)."""
+"""Parity with bitsandbytes 0.50.2 (CPU backend) on tests/fixtures/bnb_4bit_reference.npz (16 NF4/FP4 cases)."""
 import dataclasses
 
 import jax
