@@ -246,8 +246,7 @@ def recompute_in_backward(fn):
 
     def bwd(saved, ct):
         params, x = saved
-        x = x + (ct.reshape(-1)[0] * 0).astype(x.dtype)
-        return jax.vjp(fn, params, x)[1](ct)
+        return jax.vjp(fn, params, after(x, ct))[1](ct)
 
     call.defvjp(fwd, bwd)
     return call

@@ -111,8 +111,7 @@ class QuantizedLinear(Linear):
         self.bias = base.bias
 
     def kernel(self, dtype, x: jax.Array | None = None) -> jax.Array:
-        q = self.weight.get_value()
-        return dequantize_kernel(q if x is None else after(q, x), dtype)
+        return dequantize_kernel(self.weight.get_value(), dtype)  # the layer's own call orders it (quantized_matmul)
 
     def requantized(self, w_DO: jax.Array):
         """``w_DO`` quantized with this layer's whole spec and layout (after a merge, PiSSA or LoftQ)."""
@@ -148,18 +147,9 @@ def load_quantized(name_or_path, rules: list[QuantRule], dtype=jnp.float32, *, n
         q = variable.get_value()
         if tuple(w_DO.shape[::-1]) != tuple(q.shape):
             raise PeftjaxError(f"tensor {name} has shape {tuple(w_DO.shape)}, the model expects {q.shape[::-1]}")
-        w = np.asarray(w_DO, np.float32)
-        if not np.isfinite(w).all():
-            raise PeftjaxError(f"tensor {name} of {ckpt.path} holds NaN or inf values; it cannot be quantized")
-        return _quantize_jit(jnp.asarray(w.T), **q.spec)
+        return quantize(jnp.asarray(np.asarray(w_DO, np.float32).T), name=name, **q.spec)  # checks NaN / inf too
 
     return load_into(abstract, ckpt.tensors(), convert), ckpt.tokenizer
-
-
-# one compiled quantization per (shape, spec): op-by-op dispatch compiles every operation of every distinct tensor
-# on its own, and the compilations' memory makes up most of the loading peak
-_quantize_jit = jax.jit(quantize, static_argnames=("fmt", "block_size", "axis", "double_quant", "asymmetric",
-                                                    "dq_block_size", "name"))
 
 
 def _replace_linears(model: nnx.Module, rules: list[QuantRule], make, *, skip: tuple[type, ...]) -> nnx.Module:
