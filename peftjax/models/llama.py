@@ -172,7 +172,8 @@ class Attention(nnx.Module):
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, rngs=rngs, dtype=dtype)
         # Hook for prefix tuning: a module whose call returns (keys, values), each (L, K, hd), that every query
         # attends to before the sequence (used as-is, without RoPE, like Hugging Face's past_key_values prefix),
-        # or None while it is disabled.
+        # or None while it is disabled; its ``num_tokens`` is L (0 while disabled). As in Hugging Face, the prefix
+        # occupies positions 0..L-1, so the sequence's RoPE positions start at L.
         self.prefix = nnx.data(None)
 
     def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
@@ -286,6 +287,12 @@ class LlamaForCausalLM(nnx.Module):
         """Positions that prompt tuning prepends to every sequence (0 without it)."""
         return 0 if self.prompt is None else self.prompt.num_tokens
 
+    def num_prefix_positions(self) -> int:
+        """Positions that prefix tuning's keys and values occupy before the sequence (0 without it): the largest
+        enabled prefix of any layer (Hugging Face gives every layer the same one)."""
+        return max((0 if layer.self_attn.prefix is None else layer.self_attn.prefix.num_tokens
+                    for layer in self.layers), default=0)
+
     def hidden_states(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
                       prepend_prompt: bool = True, dropout_key: jax.Array | None = None,
                       remat: bool = False) -> tuple[jax.Array, KVCache | None]:
@@ -299,12 +306,14 @@ class LlamaForCausalLM(nnx.Module):
         """
         B, T_in = ids_BT.shape
         n_virtual = self.num_virtual_tokens() if prepend_prompt else 0
+        n_prefix = self.num_prefix_positions()
         T = n_virtual + T_in
-        if T > self.config.max_position:
-            raise PeftjaxError(f"{n_virtual} virtual prompt tokens + {T_in} input tokens exceed the context of "
-                               f"{self.config.max_position}; shorten the input or use fewer virtual tokens")
-        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-        positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if n_prefix + T > self.config.max_position:
+            prefix = f"{n_prefix} prefix + " if n_prefix else ""
+            raise PeftjaxError(f"{prefix}{n_virtual} virtual prompt tokens + {T_in} input tokens exceed the context "
+                               f"of {self.config.max_position}; shorten the input or use fewer virtual tokens")
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.length  # first free cache slot
+        positions = jnp.broadcast_to(n_prefix + start + jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.embed_tokens(ids_BT.reshape(B * T_in)).astype(compute_dtype)
         if n_virtual:

@@ -2,6 +2,9 @@
 
     Attn(q, [P_k; K], [P_v; V]),   P_k, P_v: (L, kv_heads, head_dim) per layer, seen by every query, without RoPE
 
+As in Hugging Face PEFT (the prefix is its ``past_key_values``), the prefix takes positions 0..L-1: the sequence's
+RoPE positions start at L.
+
 With ``reparameterize=True`` the prefixes are produced during training by a small MLP from an (L, d_emb) embedding,
 as in the paper, P = W2 tanh(W1 E) (one MLP per layer here: tree-mode NNX has no shared submodules);
 :func:`fold_prefix` evaluates it once and keeps only the resulting prefixes for inference. A prefix cannot be
@@ -47,6 +50,11 @@ class PrefixKV(AdapterModule):
             self.kv = nnx.data(None)
         else:
             self.kv = Prefix(jax.random.normal(k1, (num_tokens, 2 * width), jnp.float32))
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions the prefix occupies before the sequence (0 while disabled)."""
+        return 0 if self.disabled else self.shape[0]
 
     def prefix_kv(self) -> jax.Array:
         """(L, 2 * kv_heads * head_dim): keys then values."""
