@@ -1,12 +1,18 @@
-"""A Llama decoder in Flax NNX (Touvron et al. 2023; SmolLM2 uses this architecture).
+"""A parameterised decoder in Flax NNX: Llama (Touvron et al. 2023; SmolLM2), Mistral, Qwen2 / 2.5, Qwen3 and
+Gemma 2 / 3 text models, as their Hugging Face implementations compute them.
 
-    h_0     = E[ids]
+    h_0     = E[ids]                                                       (Gemma: * sqrt(D))
     a       = h + o_proj(Attn(RoPE(q_proj(RMSNorm(h))), RoPE(k_proj(.)), v_proj(.)))     grouped-query attention
-    h'      = a + down_proj(silu(gate_proj(RMSNorm(a))) * up_proj(RMSNorm(a)))          SwiGLU MLP
-    logits  = RMSNorm(h_L) @ E^T                                                      tied embeddings
+    h'      = a + down_proj(act(gate_proj(RMSNorm(a))) * up_proj(RMSNorm(a)))          SwiGLU (Gemma: GeGLU)
+    logits  = RMSNorm(h_L) @ E^T  (tied)  or  RMSNorm(h_L) @ lm_head^T  (untied)       (Gemma 2: c tanh(z / c))
 
-RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g. RoPE rotates pairs (i, i + d/2) of each head by angle
-pos * theta^(-2i/d) (the "rotate half" layout of Hugging Face checkpoints).
+RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g (Gemma: * (1 + g)). RoPE rotates pairs (i, i + d/2) of each head
+(the "rotate half" layout of Hugging Face checkpoints; scaling schemes in :mod:`peftjax.models.rope`).
+The families differ by switches of :class:`LlamaConfig`: q/k/v (and o) biases (Qwen2, Llama's
+``attention_bias``), per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3), a sliding attention window on some or
+all layers (Mistral; Gemma's alternating local / global layers, which in Gemma 3 also use their own RoPE base),
+"sandwich" norms around attention and MLP outputs (Gemma 2 / 3), tanh soft-capping of attention scores and of the
+final logits (Gemma 2), the softmax scale ``query_pre_attn_scalar^-1/2`` (Gemma).
 
 Every linear layer sees 2-D activations (tokens, features): on CPU, XLA runs those matmuls about twice as fast,
 forward and backward, as the same work on (batch, time, features). Weights are stored (d_in, d_out) so that
@@ -16,16 +22,24 @@ written for HF PEFT name the same modules here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.rope import RopeScaling, apply_rope, rope_cos_sin
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
+    """A decoder's shape and the switches that make it one family or another (module docstring)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -37,6 +51,38 @@ class LlamaConfig:
     rms_eps: float = 1e-5
     max_position: int = 2048
     tie_embeddings: bool = True
+    model_type: str = "llama"  # the Hugging Face family the switches below reproduce
+    rope_scaling: RopeScaling = RopeScaling()
+    local_rope_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); rope_theta when None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + g): 1 in Gemma
+    hidden_act: str = "silu"
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    sandwich_norms: bool = False  # norms after attention and MLP too (Gemma 2 / 3)
+    query_scale: float | None = None  # softmax scale; head_dim ** -0.5 when None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer; None: every layer full attention
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise PeftjaxError(f"activation {self.hidden_act!r} is not supported; peftjax implements "
+                               f"{', '.join(ACTIVATIONS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) < self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise PeftjaxError(f"layer_types must name {self.num_layers} layers, each one of {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise PeftjaxError("sliding_attention layers need a sliding_window size")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding attention window of decoder layer ``layer`` (None: full causal attention)."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def tiny(cls, **overrides) -> "LlamaConfig":
@@ -101,32 +147,22 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    """x / sqrt(mean(x^2) + eps) * (offset + g) over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, dtype=jnp.float32):
+        self.eps, self.offset = eps, offset
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)[None, :]).astype(x.dtype)
+        return (y * (self.offset + self.weight[...].astype(jnp.float32))[None, :]).astype(x.dtype)
 
 
-def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (B, T, hd/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, hd)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
-    return x_BTNH * cos + rotated * sin
-
-
-def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d) + mask) v with grouped-query attention (N query heads share K kv heads).
+def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array, *,
+                  scale: float | None = None, softcap: float | None = None) -> jax.Array:
+    """softmax(s(q k^T * scale) + mask) v with grouped-query attention (N query heads share K kv heads); scale is
+    d^-1/2 unless given, s(z) = c tanh(z / c) with ``softcap`` c (Gemma 2), else s(z) = z.
 
     The G = N/K query heads of a kv head are stacked along the query axis, so each kv head does one
     (G*T, d) x (d, S) matmul: on CPU this runs forward + backward about twice as fast as
@@ -137,7 +173,9 @@ def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_
     G = N // K
     q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     k, v = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)  # (B, K, S, H)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) * (H ** -0.5)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) * (H ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     mask = jnp.tile(mask_TS, (G, 1))  # (G*T, S): row g*T + t is query t of group member g
     scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -162,34 +200,57 @@ class KVCache:
                    length=jnp.zeros((), jnp.int32))
 
 
+def attention_mask(q_positions_T: jax.Array, num_keys: int, window: int | None) -> jax.Array:
+    """(T, S) causal mask of queries at ``q_positions_T`` over keys at positions 0..S-1, within the sliding
+    ``window`` when given (a key is seen while ``q - window < k <= q``, as Hugging Face masks it)."""
+    k_positions = jnp.arange(num_keys)[None, :]
+    mask = k_positions <= q_positions_T[:, None]
+    if window is not None:
+        mask = mask & (k_positions > q_positions_T[:, None] - window)
+    return mask
+
+
 class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, window: int | None = None):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, dtype=dtype)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, rngs=rngs, dtype=dtype)
+        self.window, self.scale, self.softcap = window, c.query_scale, c.attn_softcap
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, rngs=rngs, bias=c.qkv_bias, dtype=dtype)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, bias=c.qkv_bias, dtype=dtype)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, rngs=rngs, bias=c.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, rngs=rngs, bias=c.o_bias, dtype=dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_eps, offset=c.norm_offset, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_eps, offset=c.norm_offset, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
         # Hook for prefix tuning: a module whose call returns (keys, values), each (L, K, hd), that every query
         # attends to before the sequence (used as-is, without RoPE, like Hugging Face's past_key_values prefix),
         # or None while it is disabled; its ``num_tokens`` is L (0 while disabled). As in Hugging Face, the prefix
         # occupies positions 0..L-1, so the sequence's RoPE positions start at L.
         self.prefix = nnx.data(None)
 
+    def _heads(self, proj, norm, x_ND, B, T, heads, key):
+        """(B, T, heads, hd) projections, each head RMS-normed when the model has q/k norms."""
+        y = proj(x_ND, key)
+        if norm is not None:
+            y = norm(y.reshape(-1, self.head_dim))
+        return y.reshape(B, T, heads, self.head_dim)
+
     def __call__(self, x_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
         B, T = shape_BT
-        q = apply_rope(self.q_proj(x_ND, sub_key(key, 0)).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x_ND, sub_key(key, 1)).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self._heads(self.q_proj, self.q_norm, x_ND, B, T, self.num_heads, sub_key(key, 0)), cos, sin)
+        k = apply_rope(self._heads(self.k_proj, self.k_norm, x_ND, B, T, self.num_kv_heads, sub_key(key, 1)),
+                       cos, sin)
         v = self.v_proj(x_ND, sub_key(key, 2)).reshape(B, T, self.num_kv_heads, self.head_dim)
         new_kv = None
         if cache_kv is None:
-            mask = jnp.tril(jnp.ones((T, T), bool))
+            mask = attention_mask(jnp.arange(T), T, self.window)
         else:
             ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
-            q_pos = cache_length + jnp.arange(T)
-            mask = jnp.arange(ck.shape[1])[None, :] <= q_pos[:, None]  # (T, S): causal over the filled cache
+            mask = attention_mask(cache_length + jnp.arange(T), ck.shape[1], self.window)  # over the filled cache
             new_kv = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         prefix = None if self.prefix is None else self.prefix()
@@ -199,34 +260,50 @@ class Attention(nnx.Module):
             k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (B, *pk.shape)), k], axis=1)
             v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (B, *pv.shape)), v], axis=1)
             mask = jnp.concatenate([jnp.ones((T, L), bool), mask], axis=1)
-        out = gqa_attention(q, k, v, mask)
+        out = gqa_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim), sub_key(key, 3)), new_kv
 
 
 class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = config
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, rngs=rngs, dtype=dtype)
+        self.act = c.hidden_act
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, bias=c.mlp_bias, dtype=dtype)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, rngs=rngs, bias=c.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, rngs=rngs, bias=c.mlp_bias, dtype=dtype)
 
     def __call__(self, x_ND, key=None):
-        gated = jax.nn.silu(self.gate_proj(x_ND, sub_key(key, 0))) * self.up_proj(x_ND, sub_key(key, 1))
+        gated = ACTIVATIONS[self.act](self.gate_proj(x_ND, sub_key(key, 0))) * self.up_proj(x_ND, sub_key(key, 1))
         return self.down_proj(gated, sub_key(key, 2))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
-        self.self_attn = Attention(config, rngs=rngs, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+    """Pre-norm attention and MLP blocks; with ``sandwich_norms`` (Gemma 2 / 3) their outputs are normed too,
+    and the Hugging Face names shift: ``post_attention_layernorm`` norms the attention output and
+    ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` surround the MLP."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, index: int = 0):
+        norm = functools.partial(RMSNorm, config.hidden_size, eps=config.rms_eps, offset=config.norm_offset,
+                                 dtype=dtype)
+        self.local = config.window(index) is not None
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, rngs=rngs, dtype=dtype, window=config.window(index))
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(config, rngs=rngs, dtype=dtype)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
     def __call__(self, h_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
         attn, new_kv = self.self_attn(self.input_layernorm(h_ND), shape_BT, cos, sin, cache_kv, cache_length,
                                       sub_key(key, 0))
-        h_ND = h_ND + attn
-        return h_ND + self.mlp(self.post_attention_layernorm(h_ND), sub_key(key, 1)), new_kv
+        if self.pre_feedforward_layernorm is None:
+            h_ND = h_ND + attn
+            return h_ND + self.mlp(self.post_attention_layernorm(h_ND), sub_key(key, 1)), new_kv
+        h_ND = h_ND + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(h_ND), sub_key(key, 1))
+        return h_ND + self.post_feedforward_layernorm(mlp), new_kv
 
 
 def recompute_in_backward(fn):
@@ -273,12 +350,15 @@ class Embedding(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        if not config.tie_embeddings:
-            raise NotImplementedError("untied output heads are not supported yet")
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_eps, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, dtype=dtype, index=i)
+                                for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_eps, offset=config.norm_offset, dtype=dtype)
+        # An untied output head, (V, D) as Hugging Face stores ``lm_head.weight``; not a Linear, so target rules
+        # for linear layers (and QLoRA's quantization, as in bitsandbytes) leave it alone.
+        self.lm_head = None if config.tie_embeddings else Embedding(config.vocab_size, config.hidden_size,
+                                                                     rngs=rngs, dtype=dtype)
         # Hook for prompt tuning: a module whose call returns (N, D) virtual-token embeddings prepended to the input;
         # its ``num_tokens`` is N (0 while it is disabled).
         self.prompt = nnx.data(None)
@@ -314,14 +394,20 @@ class LlamaForCausalLM(nnx.Module):
                                f"of {self.config.max_position}; shorten the input or use fewer virtual tokens")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length  # first free cache slot
         positions = jnp.broadcast_to(n_prefix + start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        rope = {False: rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling, max_position=c.max_position)}
+        if c.local_rope_theta is not None:  # Gemma 3: sliding-window layers rotate with their own base, unscaled
+            rope[True] = rope_cos_sin(positions, c.head_dim, c.local_rope_theta, max_position=c.max_position)
         h = self.embed_tokens(ids_BT.reshape(B * T_in)).astype(compute_dtype)
+        if c.embed_scale:
+            h = h * jnp.asarray(c.hidden_size ** 0.5, compute_dtype)
         if n_virtual:
             virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
+            cos, sin = rope.get(layer.local, rope[False])
             if remat and cache is None:
                 h, new_kv = _remat_layer(layer, h, (B, T), cos, sin, sub_key(dropout_key, i)), None
             else:
@@ -336,11 +422,13 @@ class LlamaForCausalLM(nnx.Module):
 
     def head_weight(self) -> jax.Array:
         """The output head as stored, (V, D): the embedding of a tied model."""
-        return self.embed_tokens.weight[...]
+        return (self.embed_tokens if self.lm_head is None else self.lm_head).weight[...]
 
     def logits(self, h_ND: jax.Array) -> jax.Array:
-        """h @ W_head^T in ``h``'s dtype, returned in float32."""
-        return (h_ND @ self.head_weight().astype(h_ND.dtype).T).astype(jnp.float32)
+        """h @ W_head^T in ``h``'s dtype, returned in float32 (soft-capped, c tanh(z / c), when the model caps)."""
+        z = (h_ND @ self.head_weight().astype(h_ND.dtype).T).astype(jnp.float32)
+        cap = self.config.final_softcap
+        return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, ids_BT: jax.Array, *, cache: KVCache | None = None, compute_dtype=jnp.float32,
                  prepend_prompt: bool = True, dropout_key: jax.Array | None = None):

@@ -14,6 +14,9 @@ its loss and, in the forward pass of a differentiated call, its gradients: what 
 and, only when the head itself is trained, dW (V, D). Nothing is computed twice (forward logits 2NDV FLOPs, dh 2NDV,
 dW 2NDV only for a trained head), so this costs what the unchunked loss costs, in memory of one chunk's logits.
 Whether W is differentiated is read from the call (``symbolic_zeros``), not declared.
+
+With final-logit soft-capping (Gemma 2) the logits are s = c tanh(z / c), and the gradients pass through
+ds/dz = 1 - (s / c)^2.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def vocab_chunk(vocab: int, target: int = 8192) -> int:
     return best if best >= 1024 or best == vocab else vocab
 
 
-def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bool):
+def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bool, softcap: float | None):
     """One token chunk: (summed loss, dh (C, D) or None, [dW slice (vc, D)] or None). ``head_slice(j, dep)`` gives
     vocabulary slice j of the head in h's dtype; ``dep`` is a float32 scalar from the work before it (see _scan)."""
     C = h_CD.shape[0]
@@ -46,6 +49,8 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
         parts.append((h_CD @ head_slice(j, dep).T).astype(jnp.float32))
         dep = parts[-1][0, 0]
     logits = jnp.stack(parts)  # (nv, C, vc)
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
     vc = logits.shape[2]
     lse = jax.nn.logsumexp(logits, axis=(0, 2))
     rows = jnp.arange(C)
@@ -54,6 +59,8 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
     if not (with_dh or with_dw):
         return total, None, None
     g = jnp.exp(logits - lse[None, :, None]).at[t_C // vc, rows, t_C % vc].add(-1.0) * m_C[None, :, None]
+    if softcap is not None:
+        g = g * (1.0 - jnp.square(logits / softcap))
     g = g.astype(h_CD.dtype)
     dh, dw, dep = None, [], total
     for j in range(nv):
@@ -66,7 +73,7 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
     return total, dh, (dw if with_dw else None)
 
 
-def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, with_dh: bool, with_dw: bool):
+def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, softcap: float | None, with_dh: bool, with_dw: bool):
     N, D = h_ND.shape
     V = w_VD.shape[0]
     n_chunks = -(-N // chunk)
@@ -77,7 +84,7 @@ def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, with_dh: bool, with_dw: 
     if w_VD.dtype == h_ND.dtype:  # the head as it is, one slice; a loop over the token chunks
         def body(carry, x):
             total, dw = carry
-            t, dh, dws = _chunk_terms(*x, lambda j, dep: w_VD, 1, with_dh, with_dw)
+            t, dh, dws = _chunk_terms(*x, lambda j, dep: w_VD, 1, with_dh, with_dw, softcap)
             return (total + t, dw + dws[0] if with_dw else dw), dh
 
         (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
@@ -96,7 +103,7 @@ def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, with_dh: bool, with_dw: 
         total, dw, dh = jnp.zeros((), jnp.float32), dw0, []
         for i in range(n_chunks):
             x = (xs[0][i] + (total * 0).astype(h_ND.dtype), xs[1][i], xs[2][i])  # chunk i after chunk i - 1
-            t, dh_i, dws = _chunk_terms(*x, head_slice, V // vc, with_dh, with_dw)
+            t, dh_i, dws = _chunk_terms(*x, head_slice, V // vc, with_dh, with_dw, softcap)
             total = total + t
             dh.append(dh_i)
             if with_dw:
@@ -107,18 +114,18 @@ def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, with_dh: bool, with_dw: 
     return total, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(h_ND, w_VD, targets_N, weights_N, chunk):
-    return _scan(h_ND, w_VD, targets_N, weights_N, chunk, False, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(h_ND, w_VD, targets_N, weights_N, chunk, softcap):
+    return _scan(h_ND, w_VD, targets_N, weights_N, chunk, softcap, False, False)[0]
 
 
-def _fused_fwd(h_ND, w_VD, targets_N, weights_N, chunk):
+def _fused_fwd(h_ND, w_VD, targets_N, weights_N, chunk, softcap):
     with_dh, with_dw = h_ND.perturbed, w_VD.perturbed
-    total, dh, dw = _scan(h_ND.value, w_VD.value, targets_N.value, weights_N.value, chunk, with_dh, with_dw)
+    total, dh, dw = _scan(h_ND.value, w_VD.value, targets_N.value, weights_N.value, chunk, softcap, with_dh, with_dw)
     return total, (dh, dw.astype(w_VD.value.dtype) if with_dw else None, targets_N.value, weights_N.value)
 
 
-def _fused_bwd(chunk, res, g):
+def _fused_bwd(chunk, softcap, res, g):
     dh, dw, targets_N, weights_N = res
     scaled = lambda d: None if d is None else (g * d.astype(jnp.float32)).astype(d.dtype)  # noqa: E731
     return scaled(dh), scaled(dw), np.zeros(targets_N.shape, jax.dtypes.float0), jnp.zeros_like(weights_N)
@@ -128,17 +135,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def head_cross_entropy(h_ND: jax.Array, w_VD: jax.Array, targets_N: jax.Array, weights_N: jax.Array | None = None,
-                       *, chunk: int = 256) -> jax.Array:
+                       *, chunk: int = 256, softcap: float | None = None) -> jax.Array:
     """sum_n weights_n * CE(h_n W^T, targets_n) in float32, computed ``chunk`` tokens at a time (module docstring).
 
     ``w_VD`` is the output head (the embedding of a tied model); logits are ``h @ W^T`` in ``h``'s dtype, then
-    float32, as :meth:`peftjax.models.LlamaForCausalLM.logits` computes them."""
+    float32 (then ``softcap`` tanh(z / softcap) when given), as :meth:`peftjax.models.LlamaForCausalLM.logits`
+    computes them."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if weights_N is None:
         weights_N = jnp.ones(targets_N.shape, jnp.float32)
     return _fused(h_ND, w_VD, targets_N.astype(jnp.int32), weights_N.astype(jnp.float32),
-                  min(chunk, h_ND.shape[0]))
+                  min(chunk, h_ND.shape[0]), softcap)
 
 
 __all__ = ["head_cross_entropy"]

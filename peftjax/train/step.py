@@ -41,7 +41,8 @@ def _ce(model, batch, *, compute_dtype, dropout_key=None, remat=False):
         count = mask.sum()
     else:
         mask, count = None, jnp.asarray(targets.size, jnp.float32)
-    total = head_cross_entropy(h, model.head_weight(), targets.reshape(-1), mask, chunk=LOSS_CHUNK)
+    total = head_cross_entropy(h, model.head_weight(), targets.reshape(-1), mask, chunk=LOSS_CHUNK,
+                               softcap=model.config.final_softcap)
     return total, count, h
 
 

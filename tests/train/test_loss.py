@@ -87,3 +87,26 @@ def test_a_bfloat16_head_is_converted_a_vocabulary_slice_at_a_time(vocab):
     np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(gw_ref, np.float32), atol=1e-2, rtol=1e-2)
     temp = jax.jit(jax.grad(f)).lower(h, w).compile().memory_analysis().temp_size_in_bytes
     assert temp < vocab * D * 4  # less than a float32 copy of the whole head alone
+
+
+@pytest.mark.parametrize("bf16_head", [False, True])
+def test_soft_capped_logits_and_their_gradients(bf16_head):
+    """Gemma 2's final-logit soft-capping c tanh(z / c): value and both gradients against autodiff of the dense
+    capped loss (the unrolled bfloat16-head path too)."""
+    h, w, t, m = _problem(V=64)
+    w = 4.0 * w  # logits well into tanh's curved range, so the cap matters
+    if bf16_head:
+        w = w.astype(jnp.bfloat16)
+    cap = 3.0
+
+    def dense(h, w):
+        z = h @ w.astype(jnp.float32).T
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(z / cap) * cap, t) * m)
+
+    f = lambda h, w: head_cross_entropy(h, w, t, m, chunk=8, softcap=cap)  # noqa: E731
+    (v, (gh, gw)), (v_ref, (gh_ref, gw_ref)) = (jax.value_and_grad(f, argnums=(0, 1))(h, w),
+                                                jax.value_and_grad(dense, argnums=(0, 1))(h, w))
+    np.testing.assert_allclose(v, v_ref, rtol=2e-6)
+    np.testing.assert_allclose(gh, gh_ref, atol=2e-6)
+    np.testing.assert_allclose(np.float32(gw), np.float32(gw_ref), atol=1e-2 if bf16_head else 2e-6)
+    assert abs(float(v) - float(head_cross_entropy(h, w, t, m, chunk=8))) > 1.0  # capping changed the loss
