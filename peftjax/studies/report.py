@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from peftjax.config import label as method_label
+from peftjax.studies.stats import difference, interval
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 
@@ -26,9 +27,14 @@ def comparison_table(summaries: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- sweep reports
+CI_NOTE = ("mean ± half-width of the 95% confidence interval, Student t over a group's seeds; a group of one seed "
+           "shows its value alone; a difference is resolved when the two intervals are disjoint")
 METRICS = [("eval_loss_before", "eval loss before", "{:.3f}"), ("eval_loss_after", "eval loss after", "{:.3f}"),
+           ("eval_accuracy_after", "accuracy after", "{:.3f}"),
+           ("forgetting", "forgetting (general loss after - before)", "{:+.3f}"),
            ("trainable_params", "trainable params", "{:,.0f}"), ("frozen_bytes", "frozen MiB", None),
-           ("peak_rss_bytes", "peak RSS MiB", None), ("tokens_per_s", "tokens/s", "{:.0f}"),
+           ("step_device_bytes", "step device MiB", None), ("peak_rss_bytes", "peak RSS MiB", None),
+           ("train_s", "training s", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
            ("median_step_s", "step s", "{:.2f}")]
 
 
@@ -91,19 +97,21 @@ def group_key(point: dict) -> tuple:
 
 
 def group_results(records: list[dict]) -> list[dict]:
-    """Points that differ only in ``train.seed`` become one row with mean and std of every metric."""
-    import numpy as np
-
+    """Points that differ only in ``train.seed`` become one row: every metric as an :class:`Interval` (mean and
+    95% confidence half-width over the seeds); a metric some member lacks (older summaries) is left out."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(group_key(r["point"]), []).append(r)
     rows = []
     for key, members in groups.items():
-        row = {"values": {k: v for k, v in key if k != "name"}, "seeds": len(members),
+        values = {k: v for k, v in key if k != "name"}
+        name = dict(key).get("name")
+        row = {"values": values, "label": name or _short(values), "named": bool(name), "seeds": len(members),
                "names": [m["name"] for m in members]}
         for metric, _, _ in METRICS:
-            vals = np.array([m["summary"][metric] for m in members], dtype=float)
-            row[metric] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+            vals = [m["summary"].get(metric) for m in members]
+            if all(v is not None for v in vals):
+                row[metric] = interval(vals)
         rows.append(row)
 
     def sort_key(row):
@@ -120,18 +128,29 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _cell(metric: str, mean: float, std: float, fmt: str | None, seeds: int) -> str:
-    if fmt is None:
-        mean, std, fmt = mean / MIB, std / MIB, "{:.1f}"
-    text = fmt.format(mean)
-    return text + (" ± " + fmt.format(std) if seeds > 1 else "")
+def _cell(row: dict, metric: str, fmt: str | None) -> str:
+    if metric not in row:
+        return ""
+    return row[metric].format("{:.1f}", MIB) if fmt is None else row[metric].format(fmt)
+
+
+def _versus_best(rows: list[dict], metric: str = "eval_loss_after") -> list[str]:
+    """Per row: ``best`` for the lowest mean of ``metric``, else its difference to the best and whether the
+    intervals resolve it."""
+    have = [r for r in rows if metric in r]
+    if not have:
+        return ["" for _ in rows]
+    best = min(have, key=lambda r: r[metric].mean)
+    return ["" if metric not in r else "best" if r is best else difference(r[metric], best[metric]) for r in rows]
 
 
 def sweep_table(rows: list[dict]) -> tuple[str, list[list[str]]]:
     keys = sorted({k for r in rows for k in r["values"]})
-    header = keys + ["seeds"] + [label for _, label, _ in METRICS]
-    body = [[r["values"].get(k, "") for k in keys] + [str(r["seeds"])] +
-            [_cell(m, *r[m], fmt, r["seeds"]) for m, _, fmt in METRICS] for r in rows]
+    named = any(r["named"] for r in rows)  # a zip's names head the rows
+    metrics = [(m, label, fmt) for m, label, fmt in METRICS if any(m in r for r in rows)]
+    header = ["name"] * named + keys + ["seeds"] + [label for _, label, _ in metrics] + ["eval loss after vs best"]
+    body = [[r["label"]] * named + [r["values"].get(k, "") for k in keys] + [str(r["seeds"])]
+            + [_cell(r, m, fmt) for m, _, fmt in metrics] + [versus] for r, versus in zip(rows, _versus_best(rows))]
     return markdown_table(header, body), [header] + body
 
 
@@ -140,101 +159,84 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-_PLOT_NOTE_SHOWN = False
-
-
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, or None after a one-line note when matplotlib (the ``plots``
-    extra) is not installed: tables and reports never need it."""
-    import sys
-
-    global _PLOT_NOTE_SHOWN
-    try:
-        import matplotlib
-    except ImportError:
-        if not _PLOT_NOTE_SHOWN:
-            _PLOT_NOTE_SHOWN = True
-            print("peftjax: note: matplotlib is not installed, so no plots were drawn (install the plots extra: "
-                  "pip install 'peftjax[plots]')", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
-    """PNG plots next to the table; returns the file names written (none, with a note, without matplotlib)."""
+    """PNG plots next to the table (:mod:`peftjax.studies.plots`); returns the file names written (none, with a
+    note, without matplotlib): held-out loss against step device memory and against training time with the Pareto
+    front, against the rank when the sweep varies it, tokens/s, and the training loss curves."""
     import json
     from pathlib import Path
 
-    plt = pyplot()
+    from peftjax.studies import plots as P
+
+    plt = P.pyplot()
     if plt is None:
         return []
     out = Path(sweep_dir)
+    study = out.name
     written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+    n = f"\n({P.seed_note(r['seeds'] for r in rows)})"
+    quality = "eval_loss_after"
+    for cost, unit, name, what in (("step_device_bytes", MIB, "quality_vs_memory.png", "step device memory (MiB)"),
+                                   ("train_s", 1.0, "quality_vs_time.png", "training time (s)")):
+        have = [r for r in rows if cost in r and quality in r]
+        if have:
+            points = [P.Point(r["label"], r[cost].scaled(1 / unit), r[quality]) for r in have]
+            fig = P.scatter(plt, points, title=f"{study}: held-out loss vs {what.split(' (')[0]}{n}",
+                            xlabel=what, ylabel="held-out loss after training (nats/token)")
+            written.append(P.save(plt, fig, out / name))
 
     rank_key = "peft.rank"
     if any(rank_key in r["values"] for r in rows):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = P.new_figure(plt, f"{study}: held-out loss vs LoRA rank{n}", "LoRA rank r (log scale)",
+                               "held-out loss after training (nats/token)")
         lines: dict[str, list] = {}
         for r in rows:
-            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(r["values"].items()) if k != rank_key)
-            lines.setdefault(label or "all", []).append((float(r["values"][rank_key]), *r["eval_loss_after"]))
-        for label, pts in sorted(lines.items()):
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=label,
-                        capsize=3)
+            if rank_key in r["values"]:
+                label = _short({k: v for k, v in r["values"].items() if k != rank_key}, "all")
+                lines.setdefault(label, []).append((float(r["values"][rank_key]), r[quality]))
+        for i, (label, pts) in enumerate(sorted(lines.items())):
+            pts.sort(key=lambda p: p[0])
+            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].half or 0.0 for p in pts],
+                        capsize=3, label=label, **P.style(i))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r")
-        ax.set_ylabel("held-out loss after training")
-        ax.legend(fontsize=7)
-        save(fig, "eval_loss_vs_rank.png")
+        P.outside_legend(ax)
+        written.append(P.save(plt, fig, out / "eval_loss_vs_rank.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        bits = 8.0 * r["frozen_bytes"][0] / max(1, frozen_params(records, r["names"][0]))
-        ax.scatter(bits, r["frozen_bytes"][0] / MIB)
-        ax.annotate(_short(r["values"]), (bits, r["frozen_bytes"][0] / MIB), fontsize=6)
-    ax.set_xlabel("bits per frozen parameter")
-    ax.set_ylabel("frozen weight memory (MiB)")
-    save(fig, "memory_vs_bits.png")
+    have = [r for r in rows if "tokens_per_s" in r]
+    if have:
+        fig, ax = P.new_figure(plt, f"{study}: training throughput{n}", "non-padding tokens per second", "",
+                               height=max(2.5, 0.35 * len(have) + 1.2))
+        ax.barh(range(len(have)), [r["tokens_per_s"].mean for r in have],
+                xerr=[r["tokens_per_s"].half or 0.0 for r in have], capsize=3, color="C0")
+        ax.set_yticks(range(len(have)), [r["label"] for r in have], fontsize=7)
+        ax.invert_yaxis()
+        written.append(P.save(plt, fig, out / "tokens_per_s.png"))
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    labels = [_short(r["values"]) for r in rows]
-    ax.bar(range(len(rows)), [r["tokens_per_s"][0] for r in rows], yerr=[r["tokens_per_s"][1] for r in rows])
-    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("training tokens/s")
-    save(fig, "tokens_per_s.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rec in sorted(records, key=lambda r: r["name"]):
-        metrics = out / rec["name"] / "metrics.jsonl"
-        if metrics.exists():
-            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            steps = [s for s in steps if s.get("loss") is not None]  # null: a non-finite loss
-            ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=rec["name"], linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
-    save(fig, "loss_curves.png")
+    curves = []
+    for r in rows:  # the mean training loss per logged step over the group's seeds
+        by_step: dict[int, list[float]] = {}
+        for name in r["names"]:
+            metrics = out / name / "metrics.jsonl"
+            if metrics.exists():
+                for line in metrics.read_text().splitlines():
+                    rec = json.loads(line) if line.strip() else {}
+                    if rec.get("loss") is not None:  # null: a non-finite loss; eval lines have none
+                        by_step.setdefault(rec["step"], []).append(rec["loss"])
+        if by_step:
+            curves.append((r["label"], sorted((k, sum(v) / len(v)) for k, v in by_step.items())))
+    if curves:
+        fig, ax = P.new_figure(plt, f"{study}: training loss (mean over seeds)", "optimizer step",
+                               "training loss (nats/token)")
+        for i, (label, pts) in enumerate(curves):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1, label=label, color=P.style(i)["color"],
+                    linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
+        P.outside_legend(ax)
+        written.append(P.save(plt, fig, out / "loss_curves.png"))
     return written
 
 
-def frozen_params(records: list[dict], name: str) -> int:
-    summary = next(r["summary"] for r in records if r["name"] == name)
-    return summary["total_params"] - summary["trainable_params"]
-
-
-def _short(values: dict) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(values.items())) or "base"
+def _short(values: dict, empty: str = "base") -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(values.items())) or empty
 
 
 def write_sweep_report(sweep_dir) -> tuple[str, list[str]]:
@@ -253,7 +255,7 @@ def write_sweep_report(sweep_dir) -> tuple[str, list[str]]:
     note = (f"Not finished (left out): {', '.join(f'{n} ({s})' for n, s in sorted(missing.items()))}; run the "
             "sweep again to resume them.\n\n") if missing else ""
     text = (f"# Sweep report: {out.name}\n\n{len(records)} finished runs in {len(rows)} groups "
-            f"(mean ± std over seeds where a group has several).\n\n{note}{table}\n\n"
+            f"({CI_NOTE}).\n\n{note}{table}\n\n"
             + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
     (out / "report.md").write_text(text)
     return text, plots

@@ -10,18 +10,21 @@ Each layout turns a sweep's records (``DIR/results.jsonl``) into the table a pap
   LoRA (the QLoRA paper's comparison of data types);
 - ``methods``: trainable parameters, memory, time and quality per PEFT method at equal steps.
 
-Values that differ over seeds are shown as mean ± std.
+Values that differ over seeds are shown as mean ± the half-width of their 95% confidence interval
+(:mod:`peftjax.studies.stats`); each table says for its comparisons whether the intervals resolve them.
+Accuracy (classification) and forgetting (general-text loss after minus before) get columns when the runs
+recorded them.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from peftjax.errors import PeftjaxError
 from peftjax.config import label as method_label
-from peftjax.studies.report import GIB, MIB, group_key, load_results, markdown_table, without_seed
+from peftjax.errors import PeftjaxError
+from peftjax.studies import plots as P
+from peftjax.studies.report import CI_NOTE, GIB, MIB, group_key, load_results, markdown_table, without_seed
+from peftjax.studies.stats import Interval, difference, interval, resolved
 
 TABLES: dict[str, Callable] = {}
 
@@ -41,14 +44,14 @@ def _groups(records: list[dict]) -> list[tuple[dict, list[dict]]]:
     return list(groups.values())
 
 
+def _iv(summaries: list[dict], key: str) -> Interval | None:
+    values = [s.get(key) for s in summaries]
+    return None if any(v is None for v in values) else interval(values)
+
+
 def _stat(summaries: list[dict], key: str, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
-    values = np.array([s[key] for s in summaries], dtype=float) / scale
-    text = fmt.format(values.mean())
-    return text + (" ± " + fmt.format(values.std(ddof=1)) if len(values) > 1 else "")
-
-
-def _mean(summaries: list[dict], key: str) -> float:
-    return float(np.mean([s[key] for s in summaries]))
+    iv = _iv(summaries, key)
+    return "-" if iv is None else iv.format(fmt, scale)
 
 
 def _frozen_bits(s: dict) -> float:
@@ -59,38 +62,61 @@ def _label(point: dict, summary: dict) -> str:
     return str(point.get("name") or method_label(summary))
 
 
-def _plot(out: Path, name: str, draw) -> str | None:
-    from peftjax.studies.report import pyplot
+def _optional(groups, header: list[str], rows: list[list[str]]) -> None:
+    """Accuracy and forgetting columns, appended where any group recorded them."""
+    for key, title, fmt in (("eval_accuracy_after", "Accuracy after", "{:.3f}"),
+                            ("forgetting", "Forgetting (general loss after - before)", "{:+.3f}")):
+        if any(_iv(ss, key) is not None for _, ss in groups):
+            header.append(title)
+            for row, (_, ss) in zip(rows, groups):
+                row.append(_stat(ss, key, fmt))
 
-    plt = pyplot()
+
+def _versus(groups, reference: list[dict] | None, key: str = "eval_loss_after") -> list[str]:
+    """Each group's difference in ``key`` to ``reference`` and whether the intervals resolve it."""
+    if reference is None:
+        return ["-" for _ in groups]
+    ref = _iv(reference, key)
+    return ["reference" if ss is reference else difference(_iv(ss, key), ref) for _, ss in groups]
+
+
+def _note(groups) -> str:
+    return P.seed_note(len(ss) for _, ss in groups)
+
+
+def _counts(groups) -> str:
+    return "/".join(map(str, sorted({len(ss) for _, ss in groups})))
+
+
+def _plot(out: Path, name: str, make) -> str | None:
+    plt = P.pyplot()
     if plt is None:  # matplotlib is optional: the table is written without its plot
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    draw(ax)
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return P.save(plt, make(plt), out / name)
 
 
 @table("lora-vs-qlora")
 def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
-    header = ["Technique", "Epochs", "Training time", "Frozen weights", "Step device memory", "Peak RSS (training)",
-              "Peak RSS (loading)", "Trainable params", "Eval loss before -> after", "tokens/s"]
+    groups = _groups(records)
+    header = ["Technique", "Epochs", "Training time", "Frozen weights", "Step device memory",
+              "Peak RSS (training)", "Peak RSS (loading)", "Trainable params", "Eval loss before -> after",
+              "After vs the first row", "tokens/s", "Seeds"]
     rows = []
-    for point, ss in _groups(records):
+    versus = _versus(groups, groups[0][1])
+    for (point, ss), vs in zip(groups, versus):
         s = ss[0]
         steady = "peak_rss_steady_bytes" if all(x.get("peak_rss_steady_bytes") for x in ss) else "peak_rss_bytes"
-        rows.append([method_label(s), f"{_mean(ss, 'epochs'):.4f}", _stat(ss, "train_s", "{:.0f}") + " s",
+        rows.append([method_label(s), f"{_iv(ss, 'epochs').mean:.4f}", _stat(ss, "train_s", "{:.0f}") + " s",
                      f"{s['frozen_bytes'] / MIB:.1f} MiB", _stat(ss, "step_device_bytes", "{:.0f}", MIB) + " MiB",
-                     _stat(ss, steady, "{:.2f}", GIB) + " GiB", _stat(ss, "peak_rss_load_bytes", "{:.2f}", GIB) + " GiB",
-                     f"{s['trainable_params']:,}",
-                     _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"),
-                     _stat(ss, "tokens_per_s", "{:.0f}")])
+                     _stat(ss, steady, "{:.2f}", GIB) + " GiB",
+                     _stat(ss, "peak_rss_load_bytes", "{:.2f}", GIB) + " GiB", f"{s['trainable_params']:,}",
+                     _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"), vs,
+                     _stat(ss, "tokens_per_s", "{:.0f}"), str(len(ss))])
+    _optional(groups, header, rows)
     note = ("\n\nStep device memory: XLA's allocation for the compiled train step (frozen base, adapter, optimizer "
             "state, activations, workspace), what a GPU user sees as the device's memory in use. Peak RSS: the whole "
             "process on this CPU (runtime, compiled code, allocator retention, data included), over the training "
-            "steps after the first, and over loading (reading, quantizing and adapting the base).")
+            f"steps after the first, and over loading (reading, quantizing and adapting the base). Values: {CI_NOTE}.")
     return markdown_table(header, rows) + note, []
 
 
@@ -98,7 +124,8 @@ def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
 def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
     cells: dict[int, dict[str, list[dict]]] = {}
     target_sets = []
-    for point, ss in _groups(records):
+    groups = _groups(records)
+    for point, ss in groups:
         if "peft.rank" not in point:
             raise PeftjaxError("the rank table needs a sweep over peft.rank")
         targets = str(point.get("name", "")).split(",")[0] or str(point.get("peft.targets"))
@@ -106,7 +133,6 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
             target_sets.append(targets)
         cells.setdefault(int(point["peft.rank"]), {})[targets] = ss
     header = ["r"] + [f"{t}: eval loss (trainable params)" for t in target_sets]
-    base = [s["eval_loss_before"] for by_t in cells.values() for ss in by_t.values() for s in ss]
     rows = []
     for r in sorted(cells):
         row = [str(r)]
@@ -114,76 +140,91 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
             ss = cells[r].get(t)
             row.append(f"{_stat(ss, 'eval_loss_after')} ({ss[0]['trainable_params']:,})" if ss else "")
         rows.append(row)
+    before = interval([s["eval_loss_before"] for _, ss in groups for s in ss])
+    lines = [f"Held-out loss before training: {before.mean:.3f}. Seeds per cell: {_counts(groups)}; {CI_NOTE}."]
+    for t in target_sets:
+        ivs = {r: _iv(cells[r][t], "eval_loss_after") for r in sorted(cells) if t in cells[r]}
+        best = min(ivs, key=lambda r: ivs[r].mean)
+        ties = [str(r) for r in ivs if r != best and not resolved(ivs[r], ivs[best])]
+        lines.append(f"{t}: lowest loss at r={best}; not resolved from it: "
+                     + (f"r={', '.join(ties)}" if ties else "none") + ".")
 
-    def draw(ax):
-        for t in target_sets:
+    def make(plt):
+        fig, ax = P.new_figure(plt, f"{out.name}: held-out loss vs LoRA rank\n({_note(groups)})",
+                               "LoRA rank r (log scale)", "held-out loss after training (nats/token)")
+        for i, t in enumerate(target_sets):
             ranks = [r for r in sorted(cells) if t in cells[r]]
-            ax.plot(ranks, [_mean(cells[r][t], "eval_loss_after") for r in ranks], marker="o", label=t)
-        ax.axhline(float(np.mean(base)), color="grey", linestyle="--", label="before training")
+            ivs = [_iv(cells[r][t], "eval_loss_after") for r in ranks]
+            ax.errorbar(ranks, [v.mean for v in ivs], yerr=[v.half or 0.0 for v in ivs], capsize=3, label=t,
+                        **P.style(i))
+        ax.axhline(before.mean, color="grey", linestyle="--", label="before training")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r")
-        ax.set_ylabel("held-out loss after training")
-        ax.legend()
+        P.outside_legend(ax, "targets")
+        return fig
 
-    text = markdown_table(header, rows) + f"\n\nHeld-out loss before training: {np.mean(base):.3f}."
-    return text, [_plot(out, "rank_ablation.png", draw)]
+    return markdown_table(header, rows) + "\n\n" + "\n".join(lines), [_plot(out, "rank_ablation.png", make)]
 
 
 @table("bits")
 def bits_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
-    header = ["Base", "bits/param (linear layers)", "Frozen weights", "Loss before (quantized, untrained)",
+    header = ["Base", "Seeds", "bits/param (linear layers)", "Frozen weights", "Loss before (quantized, untrained)",
               "Loss after LoRA", "Gap to the unquantized base + LoRA"]
     groups = _groups(records)
     reference = next((ss for point, ss in groups if not point.get("quant.format")), None)
-    ref_after = _mean(reference, "eval_loss_after") if reference else None
     rows, points = [], []
-    for point, ss in groups:
+    for (point, ss), gap in zip(groups, _versus(groups, reference)):
         s = ss[0]
-        before, after = _mean(ss, "eval_loss_before"), _mean(ss, "eval_loss_after")
         bits = s.get("linear_bits_per_param") or _frozen_bits(s)
-        gap = f"{after - ref_after:+.3f}" if ref_after is not None else "-"
-        rows.append([_label(point, s), f"{bits:.3f}", f"{s['frozen_bytes'] / MIB:.1f} MiB",
+        rows.append([_label(point, s), str(len(ss)), f"{bits:.3f}", f"{s['frozen_bytes'] / MIB:.1f} MiB",
                      _stat(ss, "eval_loss_before"), _stat(ss, "eval_loss_after"), gap])
-        points.append((_label(point, s), bits, before, after))
+        points.append((f"{_label(point, s)} ({bits:.2f} bits)", bits, _iv(ss, "eval_loss_before"),
+                       _iv(ss, "eval_loss_after")))
+    _optional(groups, header, rows)
+    points.sort(key=lambda p: -p[1])
 
-    def draw(ax):
-        for label, bits, before, after in points:
-            ax.annotate("", xy=(bits, after), xytext=(bits, before), arrowprops=dict(arrowstyle="->", color="C0"))
-            ax.scatter([bits], [before], color="C3", s=12)
-            ax.scatter([bits], [after], color="C0", s=12)
-            ax.annotate(label, (bits, before), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bits per parameter of the linear layers")
-        ax.set_ylabel("held-out loss (red: quantized base, blue: + LoRA)")
-        ax.set_yscale("log")
+    def make(plt):
+        fig, ax = P.new_figure(plt, f"{out.name}: held-out loss per base format "
+                               f"({_note(groups)})", "held-out loss (nats/token)", "",
+                               height=max(3.0, 0.4 * len(points) + 1.5))
+        ys = range(len(points))
+        for what, k, marker, color in (("quantized base, before training", 2, "o", "C3"),
+                                       ("after LoRA", 3, "s", "C0")):
+            ax.errorbar([p[k].mean for p in points], ys, xerr=[p[k].half or 0.0 for p in points], linestyle="none",
+                        marker=marker, color=color, capsize=3, label=what)
+        ax.set_yticks(list(ys), [p[0] for p in points], fontsize=8)
+        ax.invert_yaxis()
+        P.outside_legend(ax)
+        return fig
 
-    return markdown_table(header, rows), [_plot(out, "loss_vs_bits.png", draw)]
+    return (markdown_table(header, rows) + f"\n\nValues: {CI_NOTE}."), [_plot(out, "loss_vs_bits.png", make)]
 
 
 @table("methods")
 def methods_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
-    header = ["Method", "Trainable params", "Frozen weights", "Trainable + optimizer", "Peak RSS", "Step",
-              "tokens/s", "Training time", "Eval loss before -> after"]
-    rows, bars = [], []
-    for point, ss in _groups(records):
+    header = ["Method", "Seeds", "Trainable params", "Frozen weights", "Trainable + optimizer", "Peak RSS", "Step",
+              "tokens/s", "Training time", "Eval loss before -> after", "After vs the best"]
+    groups = _groups(records)
+    best = min(groups, key=lambda g: _iv(g[1], "eval_loss_after").mean)[1]
+    rows, points = [], []
+    for (point, ss), vs in zip(groups, _versus(groups, best)):
         s = ss[0]
         pct = 100.0 * s["trainable_params"] / s["total_params"]
-        rows.append([_label(point, s), f"{s['trainable_params']:,} ({pct:.3g}%)", f"{s['frozen_bytes'] / MIB:.1f} MiB",
+        rows.append([_label(point, s), str(len(ss)), f"{s['trainable_params']:,} ({pct:.3g}%)",
+                     f"{s['frozen_bytes'] / MIB:.1f} MiB",
                      f"{(s['trainable_bytes'] + s['optimizer_bytes']) / MIB:.1f} MiB",
                      _stat(ss, "peak_rss_bytes", "{:.2f}", GIB) + " GiB", _stat(ss, "median_step_s", "{:.2f}") + " s",
                      _stat(ss, "tokens_per_s", "{:.0f}"), _stat(ss, "train_s", "{:.0f}") + " s",
-                     _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after")])
-        bars.append((_label(point, s), _mean(ss, "eval_loss_after"), s["trainable_params"]))
+                     _stat(ss, "eval_loss_before") + " -> " + _stat(ss, "eval_loss_after"),
+                     "best" if vs == "reference" else vs])
+        points.append(P.Point(_label(point, s), interval([s["trainable_params"]]), _iv(ss, "eval_loss_after")))
+    _optional(groups, header, rows)
 
-    def draw(ax):
-        ax.scatter([b[2] for b in bars], [b[1] for b in bars])
-        for label, loss, params in bars:
-            ax.annotate(label, (params, loss), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel("held-out loss after training")
+    def make(plt):
+        return P.scatter(plt, points, title=f"{out.name}: held-out loss vs trainable parameters "
+                         f"({_note(groups)})", xlabel="trainable parameters (log scale)",
+                         ylabel="held-out loss after training (nats/token)", xlog=True)
 
-    return markdown_table(header, rows), [_plot(out, "methods.png", draw)]
+    return markdown_table(header, rows) + f"\n\nValues: {CI_NOTE}.", [_plot(out, "methods.png", make)]
 
 
 def write_table(sweep_dir, name: str) -> tuple[str, list[str]]:

@@ -29,7 +29,9 @@ def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
     assert {line["summary"]["rank"] for line in lines} == {1, 2}
     report = (out / "report.md").read_text()
     assert "± " in report and report.count("\n| ") == 5  # header + 4 groups (seeds averaged)
-    for plot in ("eval_loss_vs_rank.png", "memory_vs_bits.png", "tokens_per_s.png", "loss_curves.png"):
+    assert "4 finished runs" not in report and "eval loss after vs best" in report
+    for plot in ("quality_vs_memory.png", "quality_vs_time.png", "eval_loss_vs_rank.png", "tokens_per_s.png",
+                 "loss_curves.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "report.csv").read_text().startswith("peft.rank,quant.format,seeds")
     # a rerun skips finished points

@@ -35,7 +35,10 @@ def test_lora_vs_qlora_layout(tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("| Technique | Epochs | Training time | Frozen weights | Step device memory "
                                "| Peak RSS (training) | Peak RSS (loading) |")
+    assert lines[0].endswith("| After vs the first row | tokens/s | Seeds |")
     assert lines[2].startswith("| LoRA | 0.0100 | 70 s | 0.4 MiB | 600 MiB | 1.50 GiB | 1.25 GiB | 1,000 |")
+    assert lines[2].endswith("| reference | 256 | 1 |")
+    assert "| +0.100 (not resolved) |" in lines[3]  # one seed each: nothing is resolved
     assert "what a GPU user sees" in text
     assert lines[3].startswith("| QLoRA (NF4+DQ) |") and "4.200 -> 3.600" in lines[3]
     assert (tmp_path / "table.md").read_text().startswith(text)
@@ -44,8 +47,8 @@ def test_lora_vs_qlora_layout(tmp_path):
 def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
     records = []
     for targets in ("attn", "all"):
-        for r in (1, 8):
-            for seed, loss in ((0, 3.0 + 1 / r), (1, 3.2 + 1 / r)):
+        for r in (1, 8, 64):
+            for seed, loss in ((0, 3.0 + 1 / r), (1, 3.2 + 1 / r), (2, 3.1 + 1 / r)):
                 # as `peftjax sweep` names a named zip row crossed with a grid over rank and seed
                 records.append((f"{targets},rank={r},seed={seed}",
                                 {"name": f"{targets},rank={r},seed={seed}", "peft.rank": r, "train.seed": seed},
@@ -53,7 +56,9 @@ def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
     write_results(tmp_path, records)
     text, plots = write_table(tmp_path, "rank")
     assert "| r | attn: eval loss (trainable params) | all: eval loss (trainable params) |" in text
-    assert "| 8 | 4.225 ± 0.141 (800) | 3.225 ± 0.141 (800) |" in text
+    # three seeds: s = 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 0.248
+    assert "| 8 | 4.225 ± 0.248 (800) | 3.225 ± 0.248 (800) |" in text
+    assert "attn: lowest loss at r=64; not resolved from it: r=8." in text  # r=1 is 0.98 above: resolved
     assert plots == ["rank_ablation.png"] and (tmp_path / "rank_ablation.png").stat().st_size > 0
 
 
@@ -64,15 +69,15 @@ def test_bits_layout_reports_the_gap_to_the_unquantized_base(tmp_path):
          summary(quant="int2", eval_loss_before=12.0, eval_loss_after=6.0, linear_bits_per_param=2.5)),
     ])
     text, _ = write_table(tmp_path, "bits")
-    assert "| int2 | 2.500 |" in text and "| 12.000 | 6.000 | +2.500 |" in text
-    assert "| float32 | 32.000 |" in text  # no quantized layers: frozen bytes per frozen parameter
+    assert "| int2 | 1 | 2.500 |" in text and "| 12.000 | 6.000 | +2.500 (not resolved) |" in text
+    assert "| float32 | 1 | 32.000 |" in text and "| reference |" in text  # no quantized layers: frozen bytes per frozen parameter
 
 
 def test_methods_layout(tmp_path):
     write_results(tmp_path, [("full", {"name": "full"}, summary(method="full", trainable_params=101_000)),
                              ("ia3", {"name": "ia3"}, summary(method="ia3", trainable_params=50))])
     text, plots = write_table(tmp_path, "methods")
-    assert "| full | 101,000 (100%) |" in text and "| ia3 | 50 (0.0495%) |" in text
+    assert "| full | 1 | 101,000 (100%) |" in text and "| ia3 | 1 | 50 (0.0495%) |" in text
     assert plots == ["methods.png"]
 
 

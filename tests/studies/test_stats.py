@@ -1,0 +1,63 @@
+"""Seed statistics and plot geometry: Student-t intervals against printed t tables, the resolution rule, the
+Pareto front, and figures whose texts never overlap."""
+import math
+
+import pytest
+
+from peftjax.studies import plots as P
+from peftjax.studies.stats import Interval, difference, interval, resolved, t_quantile
+
+
+@pytest.mark.parametrize("df, t975", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
+def test_t_quantiles_match_the_printed_table(df, t975):
+    assert t_quantile(0.975, df) == pytest.approx(t975, abs=5e-4)  # the table's 3 decimals
+
+
+def test_interval_of_three_seeds():
+    iv = interval([1.0, 2.0, 3.0])  # mean 2, s = 1, half = t(0.975, 2) / sqrt(3)
+    assert iv.mean == 2.0 and iv.n == 3
+    assert iv.half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert iv.format("{:.2f}") == "2.00 ± 2.48"
+    one = interval([3.5])
+    assert one.half is None and one.format() == "3.500"
+
+
+def test_resolved_only_when_the_intervals_are_disjoint():
+    a, b = Interval(1.0, 0.1, 3), Interval(1.3, 0.1, 3)
+    assert resolved(a, b) and resolved(b, a)
+    assert not resolved(a, Interval(1.15, 0.1, 3))  # overlapping
+    assert not resolved(Interval(1.0, None, 1), Interval(9.0, None, 1))  # one seed resolves nothing
+    assert difference(b, a) == "+0.300 (resolved)"
+    assert difference(Interval(1.15, 0.1, 3), a) == "+0.150 (not resolved)"
+
+
+def test_pareto_front_minimises_both_axes():
+    points = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 3.5), (4.0, 1.0)]
+    # (3, 4) and (2, 3.5) are dominated by (2, 3); the two equal (4, 1) points dominate neither
+    assert P.pareto_front(points) == [0, 1, 3, 5]
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts in ``fig`` whose rendered boxes intersect."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    found = {id(t): t for t in fig.findobj(Text)}  # findobj may list an artist twice
+    texts = [t for t in found.values() if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+
+
+def test_scatter_labels_points_that_coincide_without_overlap():
+    plt = P.pyplot()
+    same = Interval(4.5, None, 1)  # nf4, nf4-dq, int4, fp4 at one spot: the old loss_vs_bits.png stacked them
+    points = [P.Point(name, same, Interval(3.1, 0.02, 3)) for name in ("nf4", "nf4-dq", "int4", "fp4")]
+    points.append(P.Point("float32", Interval(32.0, None, 1), Interval(3.0, 0.02, 3)))
+    fig = P.scatter(plt, points, title="t", xlabel="bits", ylabel="loss")
+    ax = fig.axes[0]
+    legend = sorted(t.get_text() for t in ax.get_legend().get_texts())
+    assert legend == sorted(["nf4", "nf4-dq", "int4", "fp4", "float32", "Pareto front"])
+    assert not ax.texts  # no label drawn on the axes
+    assert _overlaps(fig) == []
+    plt.close(fig)
