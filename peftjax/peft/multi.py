@@ -4,14 +4,15 @@
 
 ``add_adapter`` turns LoRA layers into :class:`MultiLoRALinear` (the first adapter is named ``default``) and adds a
 new named one; ``set_adapter`` picks the active adapter (``None``: the base alone). ``combine_adapters`` adds an
-adapter for sum_k w_k s_k B_k A_k: ``how="linear"`` concatenates the factors (exact, rank = sum of ranks),
-``how="svd"`` keeps the top ``rank`` singular directions of the summed update. In a mixed batch
+adapter combining named ones with weights (HF PEFT's ``add_weighted_adapter`` methods: cat, svd, linear, TIES, DARE,
+magnitude pruning; the maths is in :mod:`peftjax.peft.arithmetic`). In a mixed batch
 (``mixed_adapters(model, names)``) the factors of all adapters are stacked, padded to a common rank with zeros
 (exact), and every row of the 2-D activations keeps only its adapter's part: one forward pass for the whole batch.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
-from peftjax.peft.lora import LoRAConfig, LoRALinear, lora_delta, lora_weight, svd_factors
+from peftjax.peft.arithmetic import DELTAWISE, METHODS, combine_layer, elects_sign, is_dare, prunes
+from peftjax.peft.lora import LoRAConfig, LoRALinear, lora_delta, lora_weight
 from peftjax.variables import LoRA
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.rules import as_patterns, match_rules, path_str, set_at_path
@@ -152,29 +154,59 @@ def set_adapter(model: nnx.Module, name: str | None) -> nnx.Module:
     return model
 
 
-def combine_adapters(model: nnx.Module, weights: dict[str, float], name: str, *, how: str = "linear",
-                     rank: int | None = None) -> nnx.Module:
-    """A new model with adapter ``name`` = sum_k weights[k] * adapter k (see the module docstring)."""
-    if how not in ("linear", "svd"):
-        raise PeftjaxError(f"unknown combination {how!r}; use 'linear' or 'svd'")
-    for k in weights:
+def combine_adapters(model: nnx.Module, names: Sequence[str], weights: Sequence[float], name: str, *,
+                     method: str = "svd", rank: int | None = None, density: float | None = None,
+                     majority_sign: str = "total", seed: int | None = None,
+                     masks: Mapping[tuple[str, str, str], jax.Array] | None = None) -> nnx.Module:
+    """A new model with adapter ``name`` (scale 1) combining adapters ``names`` with ``weights`` by ``method``.
+
+    Methods and their maths: :mod:`peftjax.peft.arithmetic` (HF PEFT's ``add_weighted_adapter`` combination types).
+    ``rank``: the svd methods' rank (default: the largest rank among ``names``); ``density``: the fraction kept by
+    the pruning methods (ties, dare_*, magnitude_prune); ``majority_sign``: "total" or "frequency" (ties, dare_ties);
+    DARE's keep-masks come from ``seed`` (default 0) or are given as ``masks[(layer path, adapter, part)]`` with
+    part "lora_a" / "lora_b" (factor-wise dare) or "delta" (the *_svd ones), in peftjax's (d_in, d_out) layout.
+    """
+    _check_combination(method, names, weights, rank, density, majority_sign, seed, masks)
+    for k in names:
         _check_name(model, k)
+    if name in adapter_names(model):
+        raise PeftjaxError(f"adapter {name!r} already exists; choose another name for the combination")
     model = nnx.clone(model)
-    for path, layer in _multi_layers(model).items():
-        parts = [(w, layer.adapters[k]) for k, w in weights.items() if k in layer.adapters]
-        if not parts:
-            continue
-        if how == "linear":
-            a = jnp.concatenate([f.lora_a[...] for _, f in parts], axis=1)
-            b = jnp.concatenate([f.lora_b[...] * (w * f.scale) for w, f in parts], axis=0)
-        else:
-            r = rank or max(f.lora_a.shape[1] for _, f in parts)
-            if r > min(layer.d_in, layer.d_out):
-                raise PeftjaxError(f"rank {r} is larger than {path} allows (min(d_in, d_out) = "
-                                   f"{min(layer.d_in, layer.d_out)})")
-            a, b = svd_factors(sum(w * f.delta_weight() for w, f in parts), r, 1.0)
-        layer.adapters[name] = LoRAFactors(a, b, 1.0)
+    layers = _multi_layers(model)
+    if rank is None:
+        rank = max(layer.adapters[k].lora_a.shape[1] for layer in layers.values() for k in names if k in layer.adapters)
+    for path, layer in layers.items():
+        parts = [(k, float(w), layer.adapters[k].lora_a[...], layer.adapters[k].lora_b[...], layer.adapters[k].scale)
+                 for k, w in zip(names, weights) if k in layer.adapters]
+        if parts:
+            a, b = combine_layer(path, parts, method, rank=rank, density=density, sign_method=majority_sign,
+                                 seed=0 if seed is None else seed, masks=masks)
+            layer.adapters[name] = LoRAFactors(a, b, 1.0)
     return model
+
+
+def _check_combination(method, names, weights, rank, density, majority_sign, seed, masks) -> None:
+    """One line for a combination request that cannot run or would ignore one of its settings."""
+    if method not in METHODS:
+        raise PeftjaxError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(names, str) or len(names) == 0 or len(names) != len(weights):
+        raise PeftjaxError(f"give a list of adapter names and a list of as many weights; got {names!r} and "
+                           f"{weights!r}")
+    if prunes(method) != (density is not None):
+        raise PeftjaxError(f"method {method!r} " + ("prunes: give density, the fraction of entries kept, in (0, 1]"
+                                                    if prunes(method) else "does not prune; drop density"))
+    if density is not None and not 0 < density <= 1:
+        raise PeftjaxError(f"density is the fraction of entries kept and must be in (0, 1], got {density}")
+    if rank is not None and method not in DELTAWISE:
+        raise PeftjaxError(f"rank applies to the svd methods ({', '.join(DELTAWISE)}), not {method!r}")
+    if majority_sign not in ("total", "frequency"):
+        raise PeftjaxError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
+    if majority_sign != "total" and not elects_sign(method):
+        raise PeftjaxError(f"majority_sign applies to ties, dare_ties and their _svd forms, not {method!r}")
+    if (seed is not None or masks is not None) and not is_dare(method):
+        raise PeftjaxError(f"seed and masks draw DARE's random drops; method {method!r} has none")
+    if seed is not None and masks is not None:
+        raise PeftjaxError("give either seed (masks drawn from it) or masks, not both")
 
 
 @contextlib.contextmanager

@@ -94,17 +94,17 @@ def test_named_adapters_and_mixed_batch_match_per_example_passes(randomise):
         peft.set_adapter(model, "three")
 
 
-def test_weighted_combination_linear_and_svd(randomise):
+def test_weighted_combination_cat_is_exact_and_svd_truncates(randomise):
     model, ids = two_adapters(randomise), random_blocks(2, 7)
     layer = model.layers[0].self_attn.v_proj
-    combined = peft.combine_adapters(model, {"default": 0.5, "two": 2.0}, "mix")
+    combined = peft.combine_adapters(model, ["default", "two"], [0.5, 2.0], "mix", method="cat")
     delta = combined.layers[0].self_attn.v_proj.adapters["mix"].delta_weight()
     expected = 0.5 * layer.adapters["default"].delta_weight() + 2.0 * layer.adapters["two"].delta_weight()
     np.testing.assert_allclose(delta, expected, rtol=1e-5, atol=1e-6)
-    svd = peft.combine_adapters(model, {"default": 0.5, "two": 2.0}, "mix", how="svd", rank=6)
+    svd = peft.combine_adapters(model, ["default", "two"], [0.5, 2.0], "mix", method="svd", rank=6)
     assert svd.layers[0].self_attn.v_proj.adapters["mix"].lora_a.shape == (64, 6)
     np.testing.assert_allclose(svd.layers[0].self_attn.v_proj.adapters["mix"].delta_weight(), expected, atol=1e-5)
-    low = peft.combine_adapters(model, {"default": 0.5, "two": 2.0}, "mix", how="svd", rank=1)
+    low = peft.combine_adapters(model, ["default", "two"], [0.5, 2.0], "mix", method="svd", rank=1)
     assert float(jnp.abs(low.layers[0].self_attn.v_proj.adapters["mix"].delta_weight() - expected).max()) > 1e-4
     peft.set_adapter(combined, "mix")
     peft.set_adapter(svd, "mix")
