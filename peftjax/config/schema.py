@@ -62,6 +62,10 @@ class DataConfig:
     seq_len: int = 256  # block length for lm; the longest row (truncated, right-padded) for sft and classify
     eval_docs: int = 2  # held out for evaluation, chosen by a hash: documents (lm) or records (sft, classify)
     max_eval_blocks: int = 16  # at most this many eval blocks / rows
+    # general text whose loss before and after training measures forgetting (as many blocks as max_eval_blocks):
+    # "auto" (shakespeare, or the polarity sentences when training on shakespeare), "shakespeare", "polarity", a
+    # .txt file, or "off"
+    forgetting: str = "auto"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"  # a record with this field is a chat: [{role, content}, ...]
@@ -96,6 +100,7 @@ class TrainConfig:
 
 TASKS = ("lm", "sft", "classify")
 DATASETS = {"shakespeare": "lm", "polarity": "classify", "files": None}  # built-in data sets and their task
+FORGETTING = ("auto", "shakespeare", "polarity", "off")  # data.forgetting's named general texts
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -325,6 +330,8 @@ def validate(config: RunConfig) -> None:
         (config.data.dataset in DATASETS,
          f"data.dataset must be one of {', '.join(DATASETS)}, got {config.data.dataset!r}"),
         (config.data.dataset != "files" or config.data.files, "data.files is empty; list files to train on"),
+        (config.data.forgetting in FORGETTING or str(config.data.forgetting).endswith(".txt"),
+         f"data.forgetting must be one of {', '.join(FORGETTING)} or a .txt file, got {config.data.forgetting!r}"),
         (config.data.dataset == "files" or DATASETS[config.data.dataset] == config.data.task,
          f"data.dataset {config.data.dataset!r} is a {DATASETS.get(config.data.dataset)!r} task; "
          f"set data.task={DATASETS.get(config.data.dataset)} or data.dataset=files"),

@@ -75,6 +75,7 @@ class TaskData:
     eval: RecordData
     lm: bool  # train batches are plain token blocks (every target counts)
     info: dict
+    forgetting: RecordData | None = None  # general-text blocks (data.forgetting); None when off
 
     def train_batch(self, indices: list[np.ndarray]):
         """One optimizer step's batch from its micro-batch index arrays (stacked when there are several)."""
@@ -83,6 +84,21 @@ class TaskData:
 
 
 def load_data(config: RunConfig, tokenizer) -> TaskData:
+    """The task's rows and the general text that measures forgetting (``data.forgetting``)."""
+    from peftjax import data as D
+
+    task = _task_data(config, tokenizer)
+    source = D.forgetting_source(config.data.forgetting, config.data.dataset)
+    task.info["forgetting_set"] = None
+    if source is not None:
+        name, blocks = D.forgetting_blocks(source, tokenizer, seq_len=config.data.seq_len,
+                                           max_blocks=config.data.max_eval_blocks)
+        task.forgetting = RecordData(blocks, np.ones((len(blocks), config.data.seq_len), np.float32))
+        task.info["forgetting_set"] = name
+    return task
+
+
+def _task_data(config: RunConfig, tokenizer) -> TaskData:
     from peftjax import data as D
 
     dc = config.data
@@ -101,10 +117,7 @@ def load_data(config: RunConfig, tokenizer) -> TaskData:
                         {"train_blocks": int(len(lm.train)), "eval_blocks": int(len(lm.eval)),
                          "eval_docs": lm.eval_docs})
     if dc.dataset == "polarity":
-        from peftjax.assets import fetch
-
-        records = D.polarity_records(fetch("gensim-testdata", quiet=True) / "gensim" / "test" / "test_data"
-                                     / "pang_lee_polarity.cor")
+        records = D.polarity_records(D.polarity_path())
     else:
         records = D.load_records(files)
     train_records, eval_records = D.split_records(records, dc.eval_docs)

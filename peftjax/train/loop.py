@@ -32,6 +32,7 @@ from peftjax.train.checkpoint import Checkpointer, directory_bytes
 from peftjax.train.optim import make_optimizer
 from peftjax.train.probes import (device_peak_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes,
                                   warm_up_compiler)
+from peftjax.train.provenance import provenance
 from peftjax.train.rundir import RunSummary, check_resumable, write_json
 from peftjax.train.step import evaluate, make_eval_fn, make_train_step, step_memory
 
@@ -135,9 +136,11 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                               remat=config.model.remat)
     dropout = getattr(config.peft, "dropout", 0.0)
     eval_fn = make_eval_fn(graphdef, compute_dtype, data.eval.candidates)
+    general_fn = None if data.forgetting is None else (  # forgetting: the loss on general text (LM blocks)
+        eval_fn if data.eval.candidates is None else make_eval_fn(graphdef, compute_dtype))
 
     ckpt_dir = out / "checkpoints"
-    start_step, state = 0, {"nonfinite_total": 0, "eval_before": None, "consecutive": 0}
+    start_step, state = 0, {"nonfinite_total": 0, "eval_before": None, "consecutive": 0, "general_before": None}
     if resume and ckpt_dir.exists():
         ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
         if ckpt.latest_step() is not None:
@@ -145,6 +148,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             start_step = meta["step"]
             state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"],
                          consecutive=meta.get("nonfinite_consecutive", 0))
+            state["general_before"] = meta.get("general_before")
             if meta["data_position"] != start_step * tc.grad_accum:
                 raise PeftjaxError(f"checkpoint data position {meta['data_position']} does not match step "
                                    f"{start_step} x train.grad_accum {tc.grad_accum}")
@@ -186,7 +190,15 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     reset_peak_rss()  # peak_rss_bytes below is then the peak of the training phase alone
     if state["eval_before"] is None:
         state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
-    tokens_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum
+
+    def general_loss():
+        return None if general_fn is None else evaluate(general_fn, trainable, frozen, data.forgetting,
+                                                        tc.eval_batch_size)["eval_loss"]
+
+    if data.forgetting is not None and state["general_before"] is None:
+        state["general_before"] = general_loss()
+    padded_per_step = tc.batch_size * config.data.seq_len * tc.grad_accum  # every target slot, padding included
+    row_targets = data.train.real_targets()  # per row: the targets that are real tokens, not padding
     step_times, losses = list(prior_times), list(prior_losses)  # copies: train_s counts what this process adds
     compile_s, consecutive, saved_step = None, state["consecutive"], start_step  # the run's streak
     peak_rss_first = None
@@ -197,7 +209,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     def save(step):
         return ckpt.save(step, trainable, opt_state, config=config, data_position=step * tc.grad_accum,
                          extra={"nonfinite_total": state["nonfinite_total"], "eval_before": state["eval_before"],
-                                "nonfinite_consecutive": consecutive})
+                                "nonfinite_consecutive": consecutive, "general_before": state["general_before"]})
 
     bar = tqdm(total=tc.steps, initial=start_step, desc=config.name, unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -207,7 +219,9 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             metrics_file.flush()
 
         for step in range(start_step, tc.steps):
-            batch = jax.tree.map(jnp.asarray, data.train_batch([next(micro) for _ in range(tc.grad_accum)]))
+            rows = [next(micro) for _ in range(tc.grad_accum)]
+            real_tokens = int(sum(row_targets[i].sum() for i in rows))
+            batch = jax.tree.map(jnp.asarray, data.train_batch(rows))
             t0 = time.perf_counter()
             key = jax.random.fold_in(dropout_root, step) if dropout else None
             if compiled is None:  # compiled once, explicitly, so XLA's allocation for the step can be read
@@ -230,7 +244,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             if finite:
                 losses.append(loss)
             record = {"step": step + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "step_s": dt,
-                      "tokens_per_s": tokens_per_step / dt, "skipped": not finite}
+                      "tokens_per_s": real_tokens / dt, "skipped": not finite}
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or not finite:
                 log(record)
             if consecutive >= tc.max_nonfinite:
@@ -247,7 +261,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                 save(step + 1)
                 saved_step = step + 1
                 saved_steps.append(saved_step)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{real_tokens / dt:.0f}")
             bar.update(1)
         bar.close()
         if saved_step != tc.steps:
@@ -255,9 +269,12 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             save(tc.steps)
         ckpt_bytes = directory_bytes(ckpt_dir / str(tc.steps))
         eval_after = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
-        log({"step": tc.steps, **eval_after})
+        general_after = general_loss()
+        log({"step": tc.steps, **eval_after, **({"general_loss": general_after} if general_fn else {})})
     ckpt.close()
     median_step = statistics.median(step_times) if step_times else compile_s
+    seen = index_batches(len(data.train), tc.batch_size, tc.seed)  # the rows of every step, as the run drew them
+    tokens_seen = sum(int(row_targets[next(seen)].sum()) for _ in range(tc.steps * tc.grad_accum))
     eval_before = state["eval_before"]
     quant, double_quant = config.quant.describe()
     summary = RunSummary(
@@ -276,16 +293,22 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         peak_rss_steady_bytes=peak_rss_bytes() if peak_rss_first is not None else None,
         peak_rss_load_bytes=peak_rss_load, device_peak_bytes=device_peak_bytes(), rss_start_bytes=rss_start, rss_train_start_bytes=rss_train_start,
         median_step_s=median_step, train_s=(compile_s or 0.0) + sum(step_times[len(prior_times):]),
-        tokens_per_s=tokens_per_step / median_step if median_step else None, compile_s=compile_s, load_s=load_s,
+        tokens_per_s=tokens_seen / tc.steps / median_step if median_step else None,
+        padded_tokens_per_s=padded_per_step / median_step if median_step else None, compile_s=compile_s,
+        load_s=load_s,
         eval_loss_before=eval_before["eval_loss"], eval_loss_after=eval_after["eval_loss"],
         eval_ppl_before=eval_before["eval_ppl"], eval_ppl_after=eval_after["eval_ppl"],
         eval_accuracy_before=eval_before.get("eval_accuracy"), eval_accuracy_after=eval_after.get("eval_accuracy"),
         train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None,
         nonfinite_skipped=state["nonfinite_total"], resumed_from_step=start_step or None, steps=tc.steps,
-        tokens_seen=tc.steps * tokens_per_step,
+        tokens_seen=tokens_seen, padded_tokens_seen=tc.steps * padded_per_step,
         epochs=tc.steps * tc.batch_size * tc.grad_accum / len(data.train),
         train_blocks=data.info["train_blocks"], eval_blocks=data.info["eval_blocks"], eval_docs=data.info["eval_docs"],
         wall_s=time.perf_counter() - t_start, jax_version=jax.__version__, backend=jax.default_backend(),
+        forgetting_set=data.info["forgetting_set"], general_loss_before=state["general_before"],
+        general_loss_after=general_after,
+        forgetting=None if general_after is None else general_after - state["general_before"],
+        provenance=provenance(config),
     ).to_json()
     summary = json_safe(summary)
     write_json(out / "summary.json", summary)

@@ -52,7 +52,8 @@ class RunSummary:
     rss_train_start_bytes: int  # after loading, with freed memory handed back to the OS
     median_step_s: float | None
     train_s: float  # the step loop of this process, compilation included
-    tokens_per_s: float | None  # batch x seq_len x grad_accum per median step
+    tokens_per_s: float | None  # non-padding target tokens per step (mean over the run) per median step
+    padded_tokens_per_s: float | None  # batch x seq_len x grad_accum (padding included) per median step
     compile_s: float | None
     load_s: float
     eval_loss_before: float
@@ -66,7 +67,8 @@ class RunSummary:
     nonfinite_skipped: int
     resumed_from_step: int | None
     steps: int
-    tokens_seen: int
+    tokens_seen: int  # non-padding target tokens over all steps
+    padded_tokens_seen: int  # steps x batch x seq_len x grad_accum: the capacity, padding included
     epochs: float  # passes over the train rows
     train_blocks: int
     eval_blocks: int
@@ -74,6 +76,11 @@ class RunSummary:
     wall_s: float
     jax_version: str
     backend: str
+    forgetting_set: str | None = None  # the general text of data.forgetting (None: off)
+    general_loss_before: float | None = None  # its loss before training (nats per token)
+    general_loss_after: float | None = None
+    forgetting: float | None = None  # general_loss_after - general_loss_before (> 0: the model forgot)
+    provenance: dict | None = None  # peftjax.train.provenance: versions, git, hardware, input sha256s, command
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
