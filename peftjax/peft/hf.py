@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.families import hf_config_dict
 from peftjax.peft.lora import LoRAConfig, LoRALinear
 from peftjax.peft.registry import apply
 
@@ -187,9 +188,9 @@ def _write_dir_atomically(directory: Path, texts: dict[str, str], tensor_files: 
 
 
 def save_hf_model(model: nnx.Module, directory) -> Path:
-    """A Llama-layout Hugging Face model directory (``config.json`` + ``model.safetensors``): each adapter merged
-    into its base in float32 (a quantized base is dequantized first, never requantized), so the export computes
-    what the adapted model computes."""
+    """A Hugging Face model directory of the model's family (``config.json`` + ``model.safetensors``): each adapter
+    merged into its base in float32 (a quantized base is dequantized first, never requantized), so the export
+    computes what the adapted model computes."""
     from safetensors.numpy import save_file
 
     from peftjax.models.llama import Linear
@@ -214,17 +215,11 @@ def save_hf_model(model: nnx.Module, directory) -> Path:
             kernels[name] = np.asarray(module.kernel(jnp.float32))
     tensors = {f"model.{name}.weight": np.ascontiguousarray(w.T) for name, w in kernels.items()}
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        name = ".".join(map(str, path))
-        if name.endswith("norm.weight") or name == "embed_tokens.weight":
+        name = ".".join(map(str, path)).replace(".base.", ".")  # an adapted layer's bias belongs to its base
+        if name.endswith(("norm.weight", "_proj.bias")) or name == "embed_tokens.weight":
             tensors[f"model.{name}"] = np.asarray(var[...], np.float32)
-    c = model.config
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "max_position_embeddings": c.max_position,
-        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-        "attention_bias": False, "mlp_bias": False,
-    }
+        elif name == "lm_head.weight":
+            tensors[name] = np.asarray(var[...], np.float32)
+    config = hf_config_dict(model.config)
     return _write_dir_atomically(Path(directory), {"config.json": json.dumps(config, indent=2) + "\n"},
                                  {"model.safetensors": tensors}, save_file)

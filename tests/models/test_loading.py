@@ -125,9 +125,13 @@ def test_broken_checkpoints_are_one_line_errors(hf_dirs, tmp_path):
     (bad / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(PeftjaxError, match="not a safetensors file"):
         from_pretrained(bad)
+    shutil.copy(root / "f32" / "model.safetensors", bad / "model.safetensors")
     cfg = json.loads((root / "f32" / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
-    with pytest.raises(PeftjaxError, match="untied output heads"):
+    with pytest.raises(PeftjaxError, match=r"checkpoint lacks 1 tensors, e.g. \['lm_head.weight'\]"):
+        from_pretrained(bad)  # an untied head the checkpoint does not hold
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "su", "factor": 2.0}}))
+    with pytest.raises(PeftjaxError, match="RoPE scaling type 'su' is not supported"):
         from_pretrained(bad)
     with pytest.raises(PeftjaxError, match="num_layers must be between 1 and 3"):
         from_pretrained(root / "f32", num_layers=4)
