@@ -137,12 +137,19 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> LlamaConf
     )
 
 
-def _rope_dict(theta: float, scaling: RopeScaling) -> dict:
+_TYPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                       "mscale", "mscale_all_dim", "truncate")}
+
+
+def _rope_dict(theta: float, scaling: RopeScaling, max_position: int) -> dict:
     out = {"rope_type": scaling.type, "rope_theta": theta}
-    defaults = RopeScaling()
-    for theirs, ours in _SCALING_KEYS.items():
-        value = getattr(scaling, ours)
-        if value != getattr(defaults, ours) or (ours == "factor" and scaling.type != "default"):
+    for theirs in _TYPE_KEYS[scaling.type]:
+        value = getattr(scaling, _SCALING_KEYS[theirs])
+        if theirs == "original_max_position_embeddings" and value is None:
+            value = max_position
+        if value is not None:
             out[theirs] = value
     return out
 
@@ -158,7 +165,7 @@ def hf_config_dict(c: LlamaConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
         "attention_dropout": 0.0,
     }
-    rope = _rope_dict(c.rope_theta, c.rope_scaling)
+    rope = _rope_dict(c.rope_theta, c.rope_scaling, c.max_position)
     if family == "gemma3_text":
         out["rope_parameters"] = {"full_attention": rope,
                                   "sliding_attention": {"rope_type": "default", "rope_theta": c.local_rope_theta}}

@@ -120,3 +120,32 @@ def test_unsupported_settings_are_one_line_errors(saved, tmp_path, edit, message
     (path / "config.json").write_text(json.dumps({**cfg, **edit}))
     with pytest.raises(PeftjaxError, match=message):
         from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["llama-untied-llama3-rope", "qwen2", "gemma2"])
+def test_hf_peft_adapter_imports_and_merged_export_loads_back(saved, tmp_path, name):
+    """An HF PEFT LoRA adapter trained on the family (random B) gives HF PEFT's logits in peftjax; the merged export
+    (``peftjax export --format hf``) gives them again in transformers."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftjax.peft.hf import load_hf_adapter, save_hf_model
+
+    path = saved[name]
+    ids = np.random.default_rng(2).integers(0, SHAPE["vocab_size"], (2, T))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                attn_implementation="eager")
+    torch.manual_seed(3)
+    hf = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(0.05 * torch.randn_like(p))
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    hf.save_pretrained(tmp_path / "adapter")
+
+    model = load_hf_adapter(from_pretrained(path)[0], tmp_path / "adapter")
+    ours = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+    merged = save_hf_model(model, tmp_path / "merged")
+    np.testing.assert_allclose(_reference_logits(merged, ids), ref, atol=1e-4, rtol=0)
