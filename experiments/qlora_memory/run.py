@@ -76,6 +76,8 @@ def table() -> str:
 
 
 if __name__ == "__main__":
+    from peftjax.studies.report import fill_generated
+
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
@@ -86,4 +88,5 @@ if __name__ == "__main__":
     if not a.table:
         measure(a)
     (HERE / "table.md").write_text(table())
+    fill_generated(HERE / "README.md", "table.md", table())
     print(table())

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KEYS = ("steps", "tokens_seen", "trainable_params", "checkpoint_bytes", "checkpoint_trainable_bytes", "eval_loss_before", "eval_loss_after",
+KEYS = ("steps", "tokens_seen", "padded_tokens_seen", "trainable_params", "checkpoint_bytes",
+        "checkpoint_trainable_bytes", "eval_loss_before", "eval_loss_after",
         "eval_ppl_before", "eval_ppl_after", "eval_accuracy_before", "eval_accuracy_after", "train_loss_first",
         "train_loss_last", "median_step_s", "tokens_per_s", "nonfinite_skipped", "eval_blocks", "wall_s")
 
@@ -38,7 +39,25 @@ def train(config: str, out: Path, *overrides: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def table(results: dict) -> str:
+    """The README's table from results.json. Runs recorded before summaries counted padding apart have no
+    padded_tokens_seen: their tokens_seen is the padded capacity, and the table says so."""
+    rows = []
+    for task, s in results.items():
+        acc = (f"{s['eval_accuracy_before']:.3f} -> {s['eval_accuracy_after']:.3f}"
+               if s["eval_accuracy_before"] is not None else "-")
+        tokens = (f"{s['tokens_seen']:,} of {s['padded_tokens_seen']:,}" if s.get("padded_tokens_seen")
+                  else f"{s['tokens_seen']:,} (padding included)")
+        rows.append(f"| {task} | {s['steps']} | {tokens} | {s['eval_loss_before']:.3f} -> "
+                    f"{s['eval_loss_after']:.3f} | {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f} | {acc} "
+                    f"| {s['median_step_s']:.2f} s | {s['checkpoint_bytes'] / 2**20:.1f} MiB |")
+    return ("| task | steps | target tokens seen | held-out loss (masked) | perplexity | accuracy | median step "
+            "| checkpoint |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def main():
+    from peftjax.studies.report import fill_generated
+
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/training_tasks")
     out = Path(p.parse_args().out)
@@ -55,21 +74,15 @@ def main():
     load_run(out / "sft")  # what `peftjax generate RUN_DIR` builds on: base from config.yaml + latest checkpoint
     load_s = time.perf_counter() - t0
 
-    rows = []
-    for task, s in results.items():
-        acc = (f"{s['eval_accuracy_before']:.3f} -> {s['eval_accuracy_after']:.3f}"
-               if s["eval_accuracy_before"] is not None else "-")
-        rows.append(f"| {task} | {s['steps']} | {s['tokens_seen']:,} | {s['eval_loss_before']:.3f} -> "
-                    f"{s['eval_loss_after']:.3f} | {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f} | {acc} "
-                    f"| {s['median_step_s']:.2f} s | {s['checkpoint_bytes'] / 2**20:.1f} MiB |")
-    table = ("| task | steps | tokens | held-out loss (masked) | perplexity | accuracy | median step "
-             "| checkpoint |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    text = (f"{table}\n\n`load_run({out / 'sft'})` rebuilt the model and restored the checkpoint in {load_s:.1f} s.\n"
+    table_text = table(results)
+    text = (f"{table_text}\n\n`load_run({out / 'sft'})` rebuilt the model and restored the checkpoint in "
+            f"{load_s:.1f} s.\n"
             f"Backend {results['sft']['backend']}, jax {results['sft']['jax_version']}.\n")
     print(text)
     (HERE / "results.md").write_text(text)
-    (HERE / "results.json").write_text(json.dumps({k: {key: v[key] for key in KEYS} for k, v in results.items()},
-                                                  indent=2) + "\n")
+    recorded = {k: {key: v.get(key) for key in KEYS} for k, v in results.items()}
+    (HERE / "results.json").write_text(json.dumps(recorded, indent=2) + "\n")
+    fill_generated(HERE / "README.md", "table.md", table_text)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,29 @@ def sweep_table(rows: list[dict]) -> tuple[str, list[list[str]]]:
     return markdown_table(header, body), [header] + body
 
 
+def generated_markers(key: str) -> tuple[str, str]:
+    return f"<!-- generated: {key} (written by code from this folder's raw results; do not edit) -->", \
+        f"<!-- end generated: {key} -->"
+
+
+def fill_generated(readme, key: str, text: str) -> bool:
+    """Write ``text`` between the ``key`` markers of ``readme`` (:func:`generated_markers`), so a README's table is
+    always its generator's output; False when ``readme`` has no such region (nothing is written)."""
+    from pathlib import Path
+
+    readme = Path(readme)
+    if not readme.exists():
+        return False
+    begin, end = generated_markers(key)
+    doc = readme.read_text()
+    if begin not in doc or end not in doc:
+        return False
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -23,7 +23,8 @@ from pathlib import Path
 from peftjax.config import label as method_label
 from peftjax.errors import PeftjaxError
 from peftjax.studies import plots as P
-from peftjax.studies.report import CI_NOTE, GIB, MIB, group_key, load_results, markdown_table, without_seed
+from peftjax.studies.report import (CI_NOTE, GIB, MIB, fill_generated, group_key, load_results, markdown_table,
+                                   without_seed)
 from peftjax.studies.stats import Interval, difference, interval, resolved
 
 TABLES: dict[str, Callable] = {}
@@ -146,7 +147,7 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         ivs = {r: _iv(cells[r][t], "eval_loss_after") for r in sorted(cells) if t in cells[r]}
         best = min(ivs, key=lambda r: ivs[r].mean)
         ties = [str(r) for r in ivs if r != best and not resolved(ivs[r], ivs[best])]
-        lines.append(f"{t}: lowest loss at r={best}; not resolved from it: "
+        lines.append(f"- {t}: lowest loss at r={best}; not resolved from it: "
                      + (f"r={', '.join(ties)}" if ties else "none") + ".")
 
     def make(plt):
@@ -235,4 +236,5 @@ def write_table(sweep_dir, name: str) -> tuple[str, list[str]]:
     text, plots = TABLES[name](load_results(out), out)
     plots = [p for p in plots if p is not None]
     (out / "table.md").write_text(text + "\n" + "".join(f"\n![{p}]({p})\n" for p in plots))
+    fill_generated(out / "README.md", "table.md", text)  # a recorded study's README shows the same table
     return text, plots
