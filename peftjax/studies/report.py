@@ -7,23 +7,28 @@ from peftjax.studies.stats import difference, interval
 GIB, MIB = 1024 ** 3, 1024 ** 2
 
 
-def _mem(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
-
-
 def comparison_table(summaries: list[dict]) -> str:
-    """Markdown table: method, trainable params (% of total), frozen weight memory, peak memory, step time,
-    tokens/s, eval loss before -> after."""
-    header = ("| method | trainable params | frozen weights | peak RSS (training) | median step | tokens/s "
-              "| eval loss before -> after |")
-    lines = [header, "|" + "---|" * 7]
+    """Markdown table, one row per method (its runs over seeds as mean ± 95% CI): trainable params (% of total),
+    frozen weight memory, peak memory, step time, tokens/s, eval loss before -> after."""
+    groups: dict[str, list[dict]] = {}
     for s in summaries:
+        groups.setdefault(method_label(s), []).append(s)
+    header = ("| method | seeds | trainable params | frozen weights | peak RSS (training) | median step | tokens/s "
+              "| eval loss before -> after |")
+    lines = [header, "|" + "---|" * 8]
+
+    def iv(ss, key):
+        return interval([s[key] for s in ss])
+
+    for label, ss in groups.items():
+        s = ss[0]
         pct = 100.0 * s["trainable_params"] / s["total_params"]
         lines.append(
-            f"| {method_label(s)} | {s['trainable_params']:,} ({pct:.2f}%) | {_mem(s['frozen_bytes'])} "
-            f"| {_mem(s['peak_rss_bytes'])} | {s['median_step_s']:.2f} s | {s['tokens_per_s']:.0f} "
-            f"| {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f} |")
-    return "\n".join(lines)
+            f"| {label} | {len(ss)} | {s['trainable_params']:,} ({pct:.2f}%) | {s['frozen_bytes'] / MIB:.1f} MiB "
+            f"| {iv(ss, 'peak_rss_bytes').format('{:.2f}', GIB)} GiB | {iv(ss, 'median_step_s').format('{:.2f}')} s "
+            f"| {iv(ss, 'tokens_per_s').format('{:.0f}')} | {iv(ss, 'eval_loss_before').format()} -> "
+            f"{iv(ss, 'eval_loss_after').format()} |")
+    return "\n".join(lines) + f"\n\nValues: {CI_NOTE}."
 
 
 # ------------------------------------------------------------------------------------------- sweep reports
@@ -185,7 +190,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
     """PNG plots next to the table (:mod:`peftjax.studies.plots`); returns the file names written (none, with a
     note, without matplotlib): held-out loss against step device memory and against training time with the Pareto
-    front, against the rank when the sweep varies it, tokens/s, and the training loss curves."""
+    front, against forgetting where the runs measured it (learning vs forgetting), against the rank when the sweep
+    varies it, tokens/s, and the training loss curves."""
     import json
     from pathlib import Path
 
@@ -199,13 +205,16 @@ def sweep_plots(sweep_dir, records: list[dict], rows: list[dict]) -> list[str]:
     written = []
     n = f"\n({P.seed_note(r['seeds'] for r in rows)})"
     quality = "eval_loss_after"
-    for cost, unit, name, what in (("step_device_bytes", MIB, "quality_vs_memory.png", "step device memory (MiB)"),
-                                   ("train_s", 1.0, "quality_vs_time.png", "training time (s)")):
+    for cost, unit, name, title, what in (
+            ("step_device_bytes", MIB, "quality_vs_memory.png", "step device memory", "step device memory (MiB)"),
+            ("train_s", 1.0, "quality_vs_time.png", "training time", "training time (s)"),
+            ("forgetting", 1.0, "learning_vs_forgetting.png", "forgetting",
+             "forgetting: general-text loss after - before training (nats/token)")):
         have = [r for r in rows if cost in r and quality in r]
         if have:
             points = [P.Point(r["label"], r[cost].scaled(1 / unit), r[quality]) for r in have]
-            fig = P.scatter(plt, points, title=f"{study}: held-out loss vs {what.split(' (')[0]}{n}",
-                            xlabel=what, ylabel="held-out loss after training (nats/token)")
+            fig = P.scatter(plt, points, title=f"{study}: held-out task loss vs {title}{n}", xlabel=what,
+                            ylabel="held-out task loss after training (nats/token)")
             written.append(P.save(plt, fig, out / name))
 
     rank_key = "peft.rank"

@@ -95,3 +95,12 @@ def test_rank_layout_needs_a_rank_sweep(tmp_path):
     write_results(tmp_path, [("lora", {"name": "lora"}, summary())])
     with pytest.raises(Exception, match="needs a sweep over peft.rank"):
         write_table(tmp_path, "rank")
+
+
+def test_quickstart_comparison_groups_seeds_with_intervals():
+    from peftjax.studies.report import comparison_table
+
+    runs = [summary(preset=None, eval_loss_after=a) for a in (3.0, 3.2, 3.1)] + [summary(quant="nf4", preset=None)]
+    lines = comparison_table(runs).splitlines()
+    assert lines[2].startswith("| LoRA | 3 |") and lines[2].endswith("| 4.000 -> 3.100 ± 0.248 |")
+    assert lines[3].startswith("| QLoRA (NF4) | 1 |") and lines[3].endswith("| 4.000 -> 3.500 |")
