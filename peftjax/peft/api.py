@@ -2,12 +2,17 @@
 (so a method file and the package that registers it never import each other).
 
     from peftjax.peft.api import Adapter, AdapterLinear, check_rank, register_method, replace_matching
+
+plus, for a method with a Hugging Face PEFT counterpart, the pieces of its ``hf`` hook (:mod:`peftjax.peft.hf_format`).
 """
-from peftjax.peft.registry import register_method
+from peftjax.peft.hf_format import (HFFormat, HFTensors, adapter_modules, check_unmerged, hf_number, hf_targets,
+                                    module_names)
+from peftjax.peft.registry import apply, register_method
 from peftjax.peft.wrapper import AdapterLinear, AdapterModule
 from peftjax.rules import modules_of_type
 from peftjax.surgery import check_rank, replace_matching
 from peftjax.variables import Adapter, Trainable
 
-__all__ = ["Adapter", "AdapterLinear", "AdapterModule", "Trainable", "check_rank", "modules_of_type",
+__all__ = ["Adapter", "AdapterLinear", "AdapterModule", "HFFormat", "HFTensors", "Trainable", "adapter_modules",
+           "apply", "check_rank", "check_unmerged", "hf_number", "hf_targets", "module_names", "modules_of_type",
            "register_method", "replace_matching"]

@@ -1,9 +1,10 @@
 """Hugging Face PEFT adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-HF PEFT stores LoRA factors per module as ``base_model.model.model.<path>.lora_A.weight`` (r, d_in) and
-``...lora_B.weight`` (d_out, r) (DoRA adds ``...lora_magnitude_vector`` (d_out,)); peftjax keeps A as (d_in, r) and
-B as (r, d_out), so both directions are transposes and a round trip is exact. Module paths are the same names
-(``layers.3.self_attn.q_proj``), and the scaling is the same (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+Every registered method with an ``hf`` hook (:class:`peftjax.peft.hf_format.HFFormat`) is readable and writable:
+``load_hf_adapter`` dispatches on the directory's ``peft_type``, ``save_hf_adapter`` on the adapters the model
+carries. Module paths are the same names as HF's (``layers.3.self_attn.q_proj``); each method's file says how its
+variables map to HF's tensors (mostly transposes: HF keeps torch's (d_out, d_in) layout), so round trips are exact.
+``save_hf_model`` writes the merged Llama-layout model instead.
 """
 from __future__ import annotations
 
@@ -18,27 +19,16 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
-from peftjax.models.families import hf_config_dict
-from peftjax.peft.lora import LoRAConfig, LoRALinear
-from peftjax.peft.registry import apply
+from peftjax.models.families import hf_config_dict  # the merged export writes the family's config.json
+from peftjax.peft.hf_format import PREFIX, HFTensors, hf_name
+from peftjax.peft.lora import LoRALinear
+from peftjax.peft.registry import hf_formats
 
-PREFIX = "base_model.model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-SUPPORTED = ("LORA",)
 
 
-def _targets(value) -> str | tuple[str, ...]:
-    if value is None:
-        raise PeftjaxError("adapter_config.json has no target_modules")
-    if isinstance(value, str):
-        return value  # "all-linear" or a regex over module paths
-    if not isinstance(value, list) or not value or not all(isinstance(name, str) for name in value):
-        raise PeftjaxError(f"adapter_config.json: target_modules must be a string or a list of module names, "
-                           f"got {value!r}")
-    return tuple(__import__("re").escape(name) for name in value)  # names match as dotted suffixes
-
-
-def read_hf_adapter_config(directory: Path) -> LoRAConfig:
+def read_hf_adapter_config(directory: Path) -> dict:
+    """adapter_config.json as a dict whose ``peft_type`` a registered method reads (one line otherwise)."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise PeftjaxError(f"{path} not found: an HF PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
@@ -51,42 +41,10 @@ def read_hf_adapter_config(directory: Path) -> LoRAConfig:
     if not isinstance(cfg, dict):
         raise PeftjaxError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     kind = cfg.get("peft_type", "LORA")
-    if kind not in SUPPORTED:
-        raise PeftjaxError(f"HF PEFT type {kind!r} is not supported; supported types: {', '.join(SUPPORTED)}")
-    if "r" not in cfg:
-        raise PeftjaxError(f"{path} has no 'r' (the LoRA rank)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise PeftjaxError(f"{path}: {key} must be a mapping of module patterns to numbers, got {cfg[key]!r}")
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]  # HF PEFT accepts one layer index as an int
-    elif layers is not None and not isinstance(layers, list):
-        raise PeftjaxError(f"{path}: layers_to_transform must be an int or a list of ints, got {layers!r}")
-    return LoRAConfig(rank=_number(cfg, "r", int, path), alpha=_number(cfg, "lora_alpha", float, path, HF_ALPHA),
-                      targets=_targets(cfg.get("target_modules")), rslora=bool(cfg.get("use_rslora", False)),
-                      dora=bool(cfg.get("use_dora", False)),
-                      rank_pattern=tuple((k, _number(cfg["rank_pattern"], k, int, path))
-                                         for k in (cfg.get("rank_pattern") or {})),
-                      alpha_pattern=tuple((k, _number(cfg["alpha_pattern"], k, float, path))
-                                          for k in (cfg.get("alpha_pattern") or {})),
-                      layers_to_transform=(tuple(_number({"layers_to_transform": v}, "layers_to_transform", int, path)
-                                                 for v in layers) if layers is not None else None),
-                      dropout=_number(cfg, "lora_dropout", float, path, 0.0))
-
-
-HF_ALPHA = 8  # HF PEFT's LoraConfig default for lora_alpha (used when adapter_config.json omits it)
-
-
-def _number(cfg: dict, key: str, kind, path: Path, default=None):
-    """``cfg[key]`` as ``kind`` (int or float; ``default`` when absent); one line naming the key otherwise."""
-    value = cfg.get(key, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and kind is int and value != int(value):
-        ok = False
-    if not ok:
-        raise PeftjaxError(f"{path}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
+    if kind not in hf_formats():
+        raise PeftjaxError(f"HF PEFT type {kind!r} is not supported; supported types: "
+                           f"{', '.join(sorted(hf_formats()))}")
+    return cfg
 
 
 def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
@@ -94,11 +52,11 @@ def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
 
 
 def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
-    """A new model: ``model`` with the HF PEFT LoRA adapter in ``directory`` applied."""
+    """A new model: ``model`` with the HF PEFT adapter in ``directory`` applied (any supported ``peft_type``)."""
     from safetensors.numpy import load_file
 
     directory = Path(directory)
-    config = read_hf_adapter_config(directory)
+    cfg = read_hf_adapter_config(directory)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.exists():
         raise PeftjaxError(f"{weights_path} not found")
@@ -107,62 +65,26 @@ def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
         raise PeftjaxError(f"{weights_path} is not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
                            "re-save or re-download the adapter") from None
-    adapted = apply(model, config)
-    used = set()
-    for path, layer in _lora_layers(adapted).items():
-        pieces = {"lora_A.weight": (layer.lora_a, True), "lora_B.weight": (layer.lora_b, True)}
-        if layer.dora:
-            pieces["lora_magnitude_vector"] = (layer.magnitude, False)
-        for suffix, (var, transpose) in pieces.items():
-            name = f"{path}.{suffix}"
-            if name not in tensors:
-                raise PeftjaxError(f"{weights_path.name} lacks {PREFIX}{name}; the adapter does not fit this model")
-            value = tensors[name].T if transpose else tensors[name]
-            if value.shape != var.shape:
-                raise PeftjaxError(f"{PREFIX}{name} has shape {tensors[name].shape}, this model needs "
-                                   f"{var.shape[::-1] if transpose else var.shape}: an adapter for another base model")
-            var.set_value(np.asarray(value, np.float32))
-            used.add(name)
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise PeftjaxError(f"{weights_path.name} has tensors this model has no adapter for, e.g. {PREFIX}{unused[0]}")
+    source = HFTensors(tensors, weights_path, directory / CONFIG_FILE)
+    adapted = hf_formats()[cfg.get("peft_type", "LORA")].read(model, cfg, source)
+    source.check_all_used()
     return adapted
 
 
-def _uniform(values: dict[str, float]):
-    """(the most common value, {path regex: value} for the others), like HF's rank_pattern / alpha_pattern."""
-    common = max(set(values.values()), key=list(values.values()).count)
-    return common, {__import__("re").escape(p): v for p, v in values.items() if v != common}
-
-
 def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
-    """Write ``model``'s LoRA / DoRA adapters as an HF PEFT adapter directory (atomically: all or nothing)."""
+    """Write ``model``'s adapter as an HF PEFT adapter directory (atomically: all or nothing)."""
     from safetensors.numpy import save_file
 
-    layers = _lora_layers(model)
-    if not layers:
-        raise PeftjaxError("the model has no LoRA/DoRA adapters to save; HF PEFT export supports LoRA and DoRA")
-    if any(layer.merged for layer in layers.values()):
-        raise PeftjaxError("the adapters are merged into the base; unmerge before saving them as an adapter")
-    kinds = {(type(layer), layer.dora) for layer in layers.values()}
-    if len(kinds) > 1 or len({layer.rslora for layer in layers.values()}) > 1:
-        raise PeftjaxError("HF PEFT stores one adapter type and one scaling rule per adapter; this model mixes them")
-    rank, rank_pattern = _uniform({p: layer.rank for p, layer in layers.items()})
-    alpha, alpha_pattern = _uniform({p: layer.alpha for p, layer in layers.items()})
-    tensors = {}
-    for path, layer in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora_a[...]).T)
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora_b[...]).T)
-        if layer.dora:
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(layer.magnitude[...])
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-        "lora_alpha": alpha, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": next(iter(layers.values())).rslora, "use_dora": next(iter(layers.values())).dora,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
-    }
+    written = {kind: out for kind, fmt in hf_formats().items() if (out := fmt.write(model)) is not None}
+    if not written:
+        raise PeftjaxError(f"the model has no adapters to save; HF PEFT export supports "
+                           f"{', '.join(sorted(hf_formats()))}")
+    if len(written) > 1:
+        raise PeftjaxError(f"HF PEFT stores one adapter type per directory; this model has {', '.join(written)}")
+    (kind, (fields, tensors)), = written.items()
+    tensors = {hf_name(k): np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    config = {"peft_type": kind, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, **fields,
+              "inference_mode": True, "modules_to_save": None}
     return _write_dir_atomically(Path(directory), {CONFIG_FILE: json.dumps(config, indent=2) + "\n"},
                                  {WEIGHTS_FILE: tensors}, save_file)
 

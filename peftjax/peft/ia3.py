@@ -15,10 +15,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.models.llama import Linear
-from peftjax.peft.registry import register_method
+from peftjax.errors import PeftjaxError
+from peftjax.peft.hf_format import HFFormat, HFTensors, adapter_modules, check_unmerged, hf_targets, module_names
+from peftjax.peft.registry import apply, register_method
 from peftjax.variables import IA3
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.rules import as_patterns, pattern_matches
@@ -64,4 +67,31 @@ def apply_ia3(model: nnx.Module, config: IA3Config) -> None:
         base, on_input=any(pattern_matches(p, path) for p in feedforward)))
 
 
-register_method("ia3", IA3Config, apply_ia3)
+def read_hf_ia3(model: nnx.Module, cfg: dict, tensors: HFTensors) -> nnx.Module:
+    """HF stores l as ``ia3_l``: (d_out, 1) on an output, (1, d_in) on a feed-forward layer's input."""
+    feedforward = cfg.get("feedforward_modules") or []
+    adapted = apply(model, IA3Config(targets=hf_targets(cfg.get("target_modules"), tensors.config_path),
+                                     feedforward=hf_targets(feedforward, tensors.config_path, "feedforward_modules")
+                                     if feedforward else ()))
+    for path, layer in adapter_modules(adapted, IA3Linear).items():
+        shape = (1, layer.d_in) if layer.on_input else (layer.d_out, 1)
+        layer.ia3.set_value(tensors.take(f"{path}.ia3_l", shape).reshape(-1))
+    return adapted
+
+
+def write_hf_ia3(model: nnx.Module):
+    layers = adapter_modules(model, IA3Linear)
+    if not layers:
+        return None
+    check_unmerged(layers)
+    tensors = {f"{p}.ia3_l": np.asarray(m.ia3[...]).reshape((1, -1) if m.on_input else (-1, 1))
+               for p, m in layers.items()}
+    feedforward = module_names(p for p, m in layers.items() if m.on_input)
+    if set(feedforward) & set(module_names(p for p, m in layers.items() if not m.on_input)):
+        raise PeftjaxError("HF PEFT names IA3's feed-forward layers by module name; this model scales the input of "
+                           "some layers of a name and the output of others")
+    return {"target_modules": module_names(layers), "feedforward_modules": feedforward, "fan_in_fan_out": False,
+            "init_ia3_weights": True}, tensors
+
+
+register_method("ia3", IA3Config, apply_ia3, hf=HFFormat("IA3", read_hf_ia3, write_hf_ia3))

@@ -16,9 +16,12 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
-from peftjax.peft.api import Adapter, AdapterLinear, check_rank, register_method, replace_matching
+from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
+                              check_unmerged, hf_number, hf_targets, module_names, register_method, replace_matching)
 
 
 class LoHa(Adapter):
@@ -82,4 +85,42 @@ def apply_loha(model, config: LoHaConfig) -> None:
     replace_matching(model, Linear, config.targets, make, what="LoHa target")
 
 
-register_method("loha", LoHaConfig, apply_loha)
+# HF PEFT keeps torch's (d_out, d_in) layout: ΔW^T = s (w1_a w1_b) ⊙ (w2_a w2_b), so w_a = B^T and w_b = A^T
+HF_NAMES = {"hada_w1_a": "hada_b1", "hada_w1_b": "hada_a1", "hada_w2_a": "hada_b2", "hada_w2_b": "hada_a2"}
+
+
+def read_hf_loha(model, cfg: dict, tensors: HFTensors):
+    path = tensors.config_path
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise PeftjaxError(f"{path}: LoHa {key} is not supported here; give every layer the same r and alpha")
+    for key in ("rank_dropout", "module_dropout"):
+        if hf_number(cfg, key, float, path, 0.0):
+            raise PeftjaxError(f"{path}: LoHa {key} is not supported here; set it to 0 to load the adapter")
+    if cfg.get("use_effective_conv2d"):
+        raise PeftjaxError(f"{path}: use_effective_conv2d (LoHa's CP form for convolutions) is not supported")
+    config = LoHaConfig(rank=hf_number(cfg, "r", int, path), alpha=hf_number(cfg, "alpha", float, path, 8.0),
+                        targets=hf_targets(cfg.get("target_modules"), path))
+    adapted = apply(model, config)
+    for p, layer in adapter_modules(adapted, LoHaLinear).items():
+        for hf, ours in HF_NAMES.items():
+            var = getattr(layer, ours)
+            var.set_value(tensors.take(f"{p}.{hf}", var.shape, transpose=True))
+    return adapted
+
+
+def write_hf_loha(model):
+    layers = adapter_modules(model, LoHaLinear)
+    if not layers:
+        return None
+    check_unmerged(layers)
+    if len({(m.rank, m.alpha) for m in layers.values()}) > 1:
+        raise PeftjaxError("HF PEFT LoHa export here needs one rank and alpha for every layer")
+    first = next(iter(layers.values()))
+    tensors = {f"{p}.{hf}": np.asarray(getattr(m, ours)[...]).T for p, m in layers.items() for hf, ours in
+               HF_NAMES.items()}
+    return {"r": first.rank, "alpha": first.alpha, "target_modules": module_names(layers), "rank_dropout": 0.0,
+            "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True}, tensors
+
+
+register_method("loha", LoHaConfig, apply_loha, hf=HFFormat("LOHA", read_hf_loha, write_hf_loha))

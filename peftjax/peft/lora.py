@@ -30,14 +30,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
-from peftjax.peft.registry import register_method
+from peftjax.peft.hf_format import (HFFormat, HFTensors, adapter_modules, check_unmerged, hf_number, hf_targets,
+                                    module_names)
+from peftjax.peft.registry import apply, register_method
 from peftjax.variables import LoRA, Quantized
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.quant import get_format
@@ -344,4 +348,69 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
     replace_matching(model, Linear, config.targets, make, what="LoRA target", keep=keep)
 
 
-register_method("lora", LoRAConfig, apply_lora)
+HF_ALPHA = 8  # HF PEFT's LoraConfig default for lora_alpha (used when adapter_config.json omits it)
+
+
+def lora_config_from_hf(cfg: dict, path: Path) -> LoRAConfig:
+    """The LoRAConfig of an HF PEFT LoRA adapter_config.json (rsLoRA, DoRA, patterns, layers_to_transform)."""
+    if "r" not in cfg:
+        raise PeftjaxError(f"{path} has no 'r' (the LoRA rank)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise PeftjaxError(f"{path}: {key} must be a mapping of module patterns to numbers, got {cfg[key]!r}")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]  # HF PEFT accepts one layer index as an int
+    elif layers is not None and not isinstance(layers, list):
+        raise PeftjaxError(f"{path}: layers_to_transform must be an int or a list of ints, got {layers!r}")
+    return LoRAConfig(rank=hf_number(cfg, "r", int, path), alpha=hf_number(cfg, "lora_alpha", float, path, HF_ALPHA),
+                      targets=hf_targets(cfg.get("target_modules"), path), rslora=bool(cfg.get("use_rslora", False)),
+                      dora=bool(cfg.get("use_dora", False)),
+                      rank_pattern=tuple((k, hf_number(cfg["rank_pattern"], k, int, path))
+                                         for k in (cfg.get("rank_pattern") or {})),
+                      alpha_pattern=tuple((k, hf_number(cfg["alpha_pattern"], k, float, path))
+                                          for k in (cfg.get("alpha_pattern") or {})),
+                      layers_to_transform=(tuple(hf_number({"layers_to_transform": v}, "layers_to_transform", int,
+                                                           path) for v in layers) if layers is not None else None),
+                      dropout=hf_number(cfg, "lora_dropout", float, path, 0.0))
+
+
+def read_hf_lora(model: nnx.Module, cfg: dict, tensors: HFTensors) -> nnx.Module:
+    """HF stores A as lora_A.weight (r, d_in), B as lora_B.weight (d_out, r), DoRA's m as lora_magnitude_vector."""
+    adapted = apply(model, lora_config_from_hf(cfg, tensors.config_path))
+    for path, layer in adapter_modules(adapted, LoRALinear).items():
+        layer.lora_a.set_value(tensors.take(f"{path}.lora_A.weight", layer.lora_a.shape, transpose=True))
+        layer.lora_b.set_value(tensors.take(f"{path}.lora_B.weight", layer.lora_b.shape, transpose=True))
+        if layer.dora:
+            layer.magnitude.set_value(tensors.take(f"{path}.lora_magnitude_vector", layer.magnitude.shape))
+    return adapted
+
+
+def _uniform(values: dict[str, float]):
+    """(the most common value, {path regex: value} for the others), like HF's rank_pattern / alpha_pattern."""
+    common = max(set(values.values()), key=list(values.values()).count)
+    return common, {re.escape(p): v for p, v in values.items() if v != common}
+
+
+def write_hf_lora(model: nnx.Module):
+    layers = adapter_modules(model, LoRALinear)
+    if not layers:
+        return None
+    check_unmerged(layers)
+    if len({layer.dora for layer in layers.values()}) > 1 or len({layer.rslora for layer in layers.values()}) > 1:
+        raise PeftjaxError("HF PEFT stores one adapter type and one scaling rule per adapter; this model mixes them")
+    rank, rank_pattern = _uniform({p: layer.rank for p, layer in layers.items()})
+    alpha, alpha_pattern = _uniform({p: layer.alpha for p, layer in layers.items()})
+    tensors = {}
+    for path, layer in layers.items():
+        tensors[f"{path}.lora_A.weight"] = np.asarray(layer.lora_a[...]).T
+        tensors[f"{path}.lora_B.weight"] = np.asarray(layer.lora_b[...]).T
+        if layer.dora:
+            tensors[f"{path}.lora_magnitude_vector"] = np.asarray(layer.magnitude[...])
+    first = next(iter(layers.values()))
+    return {"r": rank, "lora_alpha": alpha, "target_modules": module_names(layers), "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "use_rslora": first.rslora, "use_dora": first.dora, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None}, tensors
+
+
+register_method("lora", LoRAConfig, apply_lora, hf=HFFormat("LORA", read_hf_lora, write_hf_lora))

@@ -16,11 +16,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Attention
-from peftjax.peft.registry import register_method
+from peftjax.peft.hf_format import HFFormat, HFTensors, hf_number
+from peftjax.peft.registry import apply, register_method
 from peftjax.variables import Prefix
 from peftjax.peft.wrapper import AdapterModule
 from peftjax.surgery import replace_matching
@@ -94,4 +96,38 @@ def apply_prefix(model: nnx.Module, config: PrefixConfig) -> None:
     replace_matching(model, Attention, config.targets, attach, what="prefix target")
 
 
-register_method("prefix", PrefixConfig, apply_prefix, extra_positions=lambda c: (0, c.num_tokens))
+def read_hf_prefix(model: nnx.Module, cfg: dict, tensors: HFTensors) -> nnx.Module:
+    """HF stores every layer's prefix in one ``prompt_embeddings`` (L, layers * 2 * kv_heads * head_dim): per layer
+    its keys, then its values (always the computed prefixes: a reparameterised one is saved folded)."""
+    path = tensors.config_path
+    if hf_number(cfg, "num_transformer_submodules", int, path, 1) != 1:
+        raise PeftjaxError(f"{path}: num_transformer_submodules must be 1 (a decoder-only model)")
+    layers = hf_number(cfg, "num_layers", int, path)
+    if layers != len(model.layers):
+        raise PeftjaxError(f"{path}: the prefix is for {layers} layers, this model has {len(model.layers)}")
+    adapted = apply(model, PrefixConfig(num_tokens=hf_number(cfg, "num_virtual_tokens", int, path)))
+    prefixes = [layer.self_attn.prefix for layer in adapted.layers]
+    L, width = prefixes[0].kv.shape
+    table = tensors.take("prompt_embeddings", (L, layers * width)).reshape(L, layers, width)
+    for i, prefix in enumerate(prefixes):
+        prefix.kv.set_value(table[:, i])
+    return adapted
+
+
+def write_hf_prefix(model: nnx.Module):
+    prefixes = {p: m for p, m in nnx.iter_modules(model) if isinstance(m, PrefixKV)}
+    if not prefixes:
+        return None
+    layers = getattr(model, "layers", [])
+    if len(prefixes) != len(layers) or any(layer.self_attn.prefix is None for layer in layers):
+        raise PeftjaxError("HF PEFT prefix tuning gives every layer a prefix; this model has prefixes on "
+                           f"{len(prefixes)} of {len(layers)} layers")
+    kv = [np.asarray(layer.self_attn.prefix.prefix_kv()) for layer in layers]  # reparameterised ones evaluated
+    L, (_, kv_heads, head_dim) = kv[0].shape[0], layers[0].self_attn.prefix.shape
+    return {"num_virtual_tokens": L, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads,
+            "num_layers": len(layers), "num_transformer_submodules": 1, "encoder_hidden_size": kv_heads * head_dim,
+            "prefix_projection": False}, {"prompt_embeddings": np.concatenate(kv, axis=1)}
+
+
+register_method("prefix", PrefixConfig, apply_prefix, extra_positions=lambda c: (0, c.num_tokens),
+                hf=HFFormat("PREFIX_TUNING", read_hf_prefix, write_hf_prefix))

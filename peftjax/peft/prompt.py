@@ -12,10 +12,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
-from peftjax.peft.registry import register_method
+from peftjax.peft.hf_format import HFFormat, HFTensors, hf_number
+from peftjax.peft.registry import apply, register_method
 from peftjax.variables import Prompt
 from peftjax.peft.wrapper import AdapterModule
 
@@ -60,4 +62,25 @@ def apply_prompt(model: nnx.Module, config: PromptConfig) -> None:
     model.prompt = PromptEmbedding(init)
 
 
-register_method("prompt", PromptConfig, apply_prompt, extra_positions=lambda c: (c.num_tokens, 0))
+def read_hf_prompt(model: nnx.Module, cfg: dict, tensors: HFTensors) -> nnx.Module:
+    """HF stores P as ``prompt_embeddings`` (N, d_model); its virtual tokens take positions 0..N-1, as here."""
+    path = tensors.config_path
+    if hf_number(cfg, "num_transformer_submodules", int, path, 1) != 1:
+        raise PeftjaxError(f"{path}: num_transformer_submodules must be 1 (a decoder-only model)")
+    adapted = apply(model, PromptConfig(num_tokens=hf_number(cfg, "num_virtual_tokens", int, path)))
+    adapted.prompt.embeddings.set_value(tensors.take("prompt_embeddings", adapted.prompt.embeddings.shape))
+    return adapted
+
+
+def write_hf_prompt(model: nnx.Module):
+    prompt = getattr(model, "prompt", None)
+    if not isinstance(prompt, PromptEmbedding):
+        return None
+    c = model.config
+    return {"num_virtual_tokens": prompt.length, "token_dim": c.hidden_size, "num_transformer_submodules": 1,
+            "num_attention_heads": c.num_heads, "num_layers": c.num_layers, "prompt_tuning_init": "RANDOM"}, {
+        "prompt_embeddings": np.asarray(prompt.embeddings[...])}
+
+
+register_method("prompt", PromptConfig, apply_prompt, extra_positions=lambda c: (c.num_tokens, 0),
+                hf=HFFormat("PROMPT_TUNING", read_hf_prompt, write_hf_prompt))

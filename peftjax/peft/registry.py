@@ -13,7 +13,9 @@ test of its name elsewhere:
 - ``describe(config) -> dict``: the method's fields a run summary shows (default: ``rank`` if it has one);
 - ``identity(config) -> dict``: what a checkpoint of this method must match to be restored (default: every field);
 - ``extra_positions(config) -> (virtual_tokens, prefix_tokens)``: sequence positions the method adds (prompt
-  tuning prepends inputs, prefix tuning extra keys), for activation-memory estimates (default: none).
+  tuning prepends inputs, prefix tuning extra keys), for activation-memory estimates (default: none);
+- ``hf``: a :class:`peftjax.peft.hf_format.HFFormat`, how the method reads and writes Hugging Face PEFT adapter
+  directories of its ``peft_type`` (default: none, the method has no HF counterpart).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.peft.hf_format import HFFormat
 
 
 def _default_describe(config) -> dict:
@@ -54,6 +57,7 @@ class Method:
     describe: Callable[[object], dict] = _default_describe
     identity: Callable[[object], dict] = config_fields
     extra_positions: Callable[[object], tuple[int, int]] = _no_positions
+    hf: HFFormat | None = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
@@ -64,13 +68,13 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(name: str, config_cls: type, apply_fn: Callable[[nnx.Module, object], None], *,
                     trains_base: bool = False, describe: Callable | None = None, identity: Callable | None = None,
-                    extra_positions: Callable | None = None) -> None:
+                    extra_positions: Callable | None = None, hf: HFFormat | None = None) -> None:
     """Register a PEFT method (see the module docstring for the hooks). One config class names one method."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
     hooks = {k: v for k, v in (("describe", describe), ("identity", identity),
                                ("extra_positions", extra_positions)) if v is not None}
-    _METHODS[name] = Method(name, config_cls, apply_fn, trains_base, **hooks)
+    _METHODS[name] = Method(name, config_cls, apply_fn, trains_base, **hooks, hf=hf)
 
 
 def registered_methods() -> list[str]:
@@ -89,6 +93,11 @@ def method_for_config(config) -> Method:
             return method
     raise PeftjaxError(f"{type(config).__name__} is not the config of a registered method "
                        f"({', '.join(registered_methods())})")
+
+
+def hf_formats() -> dict[str, HFFormat]:
+    """{HF PEFT type: its format} over the registered methods that have one."""
+    return {m.hf.peft_type: m.hf for m in _METHODS.values() if m.hf is not None}
 
 
 def make_config(name: str, **kwargs):

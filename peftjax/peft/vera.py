@@ -16,10 +16,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
-from peftjax.peft.api import (Adapter, AdapterLinear, check_rank, modules_of_type, register_method,
+from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
+                              check_unmerged, hf_number, hf_targets, module_names, modules_of_type, register_method,
                               replace_matching)
 
 
@@ -86,4 +89,46 @@ def apply_vera(model: nnx.Module, config: VeRAConfig) -> None:
     replace_matching(model, Linear, config.targets, make, what="VeRA target")
 
 
-register_method("vera", VeRAConfig, apply_vera)
+def read_hf_vera(model, cfg: dict, tensors: HFTensors):
+    """HF stores the shared projections once (``base_model.vera_A`` (r, max d_in), ``base_model.vera_B``
+    (max d_out, r): torch layout, each layer using the leading slice) and per layer lambda_b = b, lambda_d = d."""
+    path = tensors.config_path
+    if cfg.get("save_projection") is False:
+        raise PeftjaxError(f"{path}: the adapter was saved without its random projections (save_projection=false), "
+                           "which only torch's generator can redraw; re-save it with save_projection=true")
+    if hf_number(cfg, "vera_dropout", float, path, 0.0):
+        raise PeftjaxError(f"{path}: vera_dropout is not supported here; set it to 0 to load the adapter")
+    adapted = apply(model, VeRAConfig(rank=hf_number(cfg, "r", int, path, 256),
+                                      targets=hf_targets(cfg.get("target_modules"), path)))
+    layers = adapter_modules(adapted, VeRALinear)
+    r = next(iter(layers.values())).vera_d.shape[0]
+    a = tensors.take("base_model.vera_A", (max(m.d_in for m in layers.values()), r), transpose=True)
+    b = tensors.take("base_model.vera_B", (r, max(m.d_out for m in layers.values())), transpose=True)
+    for p, layer in layers.items():
+        layer.vera_A.set_value(a[: layer.d_in])
+        layer.vera_B.set_value(b[:, : layer.d_out])
+        layer.vera_d.set_value(tensors.take(f"{p}.vera_lambda_d", layer.vera_d.shape))
+        layer.vera_b.set_value(tensors.take(f"{p}.vera_lambda_b", layer.vera_b.shape))
+    return adapted
+
+
+def write_hf_vera(model):
+    layers = adapter_modules(model, VeRALinear)
+    if not layers:
+        return None
+    check_unmerged(layers)
+    a = np.asarray(max(layers.values(), key=lambda m: m.d_in).vera_A[...])
+    b = np.asarray(max(layers.values(), key=lambda m: m.d_out).vera_B[...])
+    if not all(np.array_equal(m.vera_A[...], a[: m.d_in]) and np.array_equal(m.vera_B[...], b[:, : m.d_out])
+               for m in layers.values()):
+        raise PeftjaxError("HF PEFT VeRA shares one pair of projections; this model's VeRA layers do not")
+    tensors = {"base_model.vera_A": a.T, "base_model.vera_B": b.T}
+    for p, m in layers.items():
+        tensors[f"{p}.vera_lambda_d"] = np.asarray(m.vera_d[...])
+        tensors[f"{p}.vera_lambda_b"] = np.asarray(m.vera_b[...])
+    return {"r": a.shape[1], "target_modules": module_names(layers), "projection_prng_key": 0,
+            "save_projection": True, "vera_dropout": 0.0, "d_initial": 0.1, "fan_in_fan_out": False, "bias": "none",
+            "init_weights": True}, tensors
+
+
+register_method("vera", VeRAConfig, apply_vera, hf=HFFormat("VERA", read_hf_vera, write_hf_vera))
