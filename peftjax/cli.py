@@ -34,7 +34,9 @@ def cmd_fetch(args) -> int:
 def cmd_train(args) -> int:
     from peftjax.train import run
 
-    config = _load_run_config(args.config, args.set)
+    from peftjax.sharding import mesh_overrides
+
+    config = _load_run_config(args.config, [*args.set, *mesh_overrides(args.mesh)])
     out = Path(args.out) if args.out else Path("runs") / config.name
     summary = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     keys = ("method", "quant", "trainable_params", "median_step_s", "tokens_per_s", "eval_loss_before",
@@ -79,11 +81,12 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from peftjax.sharding import parse_mesh
     from peftjax.studies.bench import bench
 
     result = bench(model=args.model, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
                    targets=args.targets, steps=args.steps, warmup=args.warmup, param_dtype=args.param_dtype,
-                   remat=args.remat)
+                   remat=args.remat, mesh=parse_mesh(args.mesh) if args.mesh else None)
     if not args.times:
         result.pop("step_times_s")
     print(json.dumps(result))
@@ -113,10 +116,13 @@ def cmd_quant_report(args) -> int:
 
 def cmd_sweep(args) -> int:
     from peftjax.studies.report import write_sweep_report
+    from peftjax.sharding import parse_mesh
     from peftjax.studies.sweep import parse_shard, run_sweep
 
     out = Path(args.out)
-    results = run_sweep(args.spec, out, workers=args.workers, shard=parse_shard(args.shard))
+    if args.mesh:
+        parse_mesh(args.mesh)  # a malformed --mesh is one line here, not a failure in every point
+    results = run_sweep(args.spec, out, workers=args.workers, shard=parse_shard(args.shard), mesh=args.mesh)
     failed = [r for r in results if r["status"] == "failed"]
     busy = [r for r in results if r["status"] == "busy"]
     done = len(results) - len(failed) - len(busy)
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; = --set mesh.AXIS=N)")
     t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("quickstart", help="LoRA then QLoRA on SmolLM2 + Shakespeare, and the comparison table")
@@ -256,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="storage dtype of the unquantized weights")
     b.add_argument("--remat", action="store_true", help="activation checkpointing per decoder layer")
     b.add_argument("--times", action="store_true", help="also print every timed step")
+    b.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; = --set mesh.AXIS=N)")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="run every point of a config's sweep section (resumable, parallel, sharded)")
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="sweep directory: one run directory per point + results.jsonl")
     s.add_argument("--workers", type=int, default=1, help="points run in parallel processes")
     s.add_argument("--shard", help="I/N: run only points i with i %% N == I (N machines share one --out)")
+    s.add_argument("--mesh", help="every point's device mesh, e.g. data=2,fsdp=4 (passed to each train process)")
     s.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", help="report.md, report.csv and PNG plots of a sweep directory")

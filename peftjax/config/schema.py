@@ -22,6 +22,7 @@ from peftjax.errors import PeftjaxError
 from peftjax.peft import LoRAConfig, config_fields, get_method, method_for_config
 from peftjax.quant import get_format
 from peftjax.quant.policy import QuantRule
+from peftjax.sharding import LOGICAL_RULES, MESH_AXES
 from peftjax.variables import trainable_groups
 
 
@@ -98,6 +99,26 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite (skipped) steps in a row
 
 
+@dataclasses.dataclass(kw_only=True)
+class MeshConfig:
+    """The device mesh of a run (:mod:`peftjax.sharding`): ``data`` x ``fsdp`` x ``tensor`` devices, their product the
+    devices used; ``data: null`` (the default) takes every device the other two leave. ``rules`` overrides entries
+    of the logical-axis table (``{hidden: fsdp, heads: tensor, ...}``, a mesh axis or null for replicated).
+    ``coordinator`` / ``num_processes`` / ``process_id`` start ``jax.distributed`` for a multi-host run (unset: from
+    the usual environment variables, or one process)."""
+
+    data: int | None = None
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def axes(self) -> dict[str, int | None]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
 TASKS = ("lm", "sft", "classify")
 DATASETS = {"shakespeare": "lm", "polarity": "classify", "files": None}  # built-in data sets and their task
 FORGETTING = ("auto", "shakespeare", "polarity", "off")  # data.forgetting's named general texts
@@ -116,6 +137,7 @@ class RunConfig:
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     @property
     def method(self) -> str:
@@ -305,14 +327,14 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunCon
         if isinstance(own, dict) and own.get("method", under["peft"]["method"]) != under["peft"]["method"]:
             under = {k: v for k, v in under.items() if k != "peft"}  # the file names another method: its own fields
         data = _deep_merge(under, data)
-    sections = {"name", "preset", "model", "peft", "quant", "data", "train"}
+    sections = {"name", "preset", "model", "peft", "quant", "data", "train", "mesh"}
     unknown = sorted(set(data) - sections)
     if unknown:
         near = difflib.get_close_matches(str(unknown[0]), sections, n=1)
         hint = f"; did you mean {near[0]}?" if near else f"; valid keys: {', '.join(sorted(sections))}"
         raise PeftjaxError(f"unknown config key {unknown[0]}{hint}")
-    config = _build(RunConfig, {k: v for k, v in data.items() if k in ("name", "preset", "model", "data", "train")},
-                    "")
+    plain = ("name", "preset", "model", "data", "train", "mesh")  # sections whose dataclass is fixed
+    config = _build(RunConfig, {k: v for k, v in data.items() if k in plain}, "")
     config.peft = build_method_config(data.get("peft"), seed=config.train.seed)
     config.quant = build_quant_config(data.get("quant"))
     validate(config)
@@ -369,6 +391,25 @@ def validate(config: RunConfig) -> None:
                            "use a positive alpha (e.g. 2 x peft.rank)")
     for i, rule in enumerate(config.quant.rules):
         get_format(rule.format, label=f"quant rule {i} format")
+    _check_mesh(config.mesh)
+
+
+def _check_mesh(mesh: MeshConfig) -> None:
+    """Sizes are positive and the rules name known logical and mesh axes (the device count is checked when the mesh
+    is made, :func:`peftjax.sharding.make_mesh`)."""
+    for axis, size in mesh.axes().items():
+        if size is not None and size < 1:
+            raise PeftjaxError(f"mesh.{axis} must be >= 1, got {size}")
+    for logical, axis in mesh.rules.items():
+        if logical not in LOGICAL_RULES:
+            raise PeftjaxError(f"mesh.rules has unknown logical axis {logical!r}; logical axes: "
+                               f"{', '.join(LOGICAL_RULES)}")
+        if axis is not None and axis not in MESH_AXES:
+            raise PeftjaxError(f"mesh.rules.{logical} must be one of {', '.join(MESH_AXES)} or null, got {axis!r}")
+    distributed = (mesh.coordinator, mesh.num_processes, mesh.process_id)
+    if any(v is not None for v in distributed) and any(v is None for v in distributed):
+        raise PeftjaxError("mesh.coordinator, mesh.num_processes and mesh.process_id go together: set all three "
+                           "(or none, to take them from the environment)")
 
 
 def _check_gguf_header(name: str) -> None:
@@ -388,4 +429,5 @@ def to_dict(config: RunConfig) -> dict:
     return {"name": config.name, "preset": config.preset, "model": dataclasses.asdict(config.model),
            "peft": {"method": config.method, **config_fields(config.peft)},
            "quant": [config_fields(rule) for rule in config.quant.rules],
-           "data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train)}
+           "data": dataclasses.asdict(config.data), "train": dataclasses.asdict(config.train),
+           "mesh": dataclasses.asdict(config.mesh)}

@@ -142,7 +142,8 @@ def _finished_names(out: Path) -> set[str]:
     return names
 
 
-def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set | None = None) -> dict | None:
+def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set | None = None,
+              mesh: str | None = None) -> dict | None:
     """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``.
 
     The point's run directory is locked for the whole call: a point another sweep is running is returned as
@@ -174,7 +175,8 @@ def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set
         if stop is not None and stop.is_set():
             return None
         resume = (run_dir / "config.yaml").exists() and (run_dir / "checkpoints").is_dir()
-        cmd = train_command(spec_path, run_dir, point, "--no-progress", resume=resume)
+        cmd = train_command(spec_path, run_dir, point, "--no-progress", *(("--mesh", mesh) if mesh else ()),
+                            resume=resume)
         env = {**os.environ, LOCK_ENV: str(run_dir.absolute()), "PEFTJAX_PARENT_PID": str(os.getpid())}
         (out / "logs").mkdir(exist_ok=True)
         start = time.perf_counter()
@@ -205,11 +207,12 @@ def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set
 
 
 def run_sweep(spec_path: str, out: Path, *, workers: int = 1, shard: tuple[int, int] = (0, 1),
-              progress=print) -> list[dict]:
+              progress=print, mesh: str | None = None) -> list[dict]:
     """Run every (unfinished) point of this shard, ``workers`` at a time; a failing point does not stop the rest.
 
     Ctrl-C or SIGTERM stops the running points (recorded ``interrupted``; a later sweep resumes them from their
-    checkpoints). A point that another sweep holds is reported ``busy`` and left to it."""
+    checkpoints). A point that another sweep holds is reported ``busy`` and left to it. ``mesh`` (``data=2,fsdp=4``)
+    is every point's ``--mesh``."""
     import signal
     import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -226,7 +229,7 @@ def run_sweep(spec_path: str, out: Path, *, workers: int = 1, shard: tuple[int, 
         previous = signal.signal(signal.SIGTERM, on_term)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        futures = [pool.submit(run_point, spec_path, out, p, stop=stop, running=running) for p in points]
+        futures = [pool.submit(run_point, spec_path, out, p, stop=stop, running=running, mesh=mesh) for p in points]
         for i, future in enumerate(as_completed(futures), 1):
             line = future.result()
             results.append(line)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from peftjax.errors import PeftjaxError
+from peftjax.sharding import host_value
 
 
 class CorruptCheckpoint(PeftjaxError):
@@ -60,7 +61,7 @@ def identity(config) -> dict:
 
 def _flatten(tree) -> tuple[list, list[dict]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = [np.asarray(x) for _, x in flat]
+    leaves = [host_value(x) for _, x in flat]  # a sharded leaf whole (gathered from every process)
     specs = [{"path": jax.tree_util.keystr(p, simple=True, separator="/"), "shape": list(x.shape),
               "dtype": str(x.dtype)} for (p, _), x in zip(flat, leaves)]
     return leaves, specs

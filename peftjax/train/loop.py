@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import yaml
 
-from peftjax import partition
+from peftjax import partition, sharding
 from peftjax.config import RunConfig, to_dict
 from peftjax.data import index_batches
 from peftjax.errors import PeftjaxError
@@ -30,11 +29,12 @@ from peftjax.quant.policy import rule_bits
 from peftjax.train.build import DTYPES, build
 from peftjax.train.checkpoint import Checkpointer, directory_bytes
 from peftjax.train.optim import make_optimizer
+from peftjax.train.placement import place
 from peftjax.train.probes import (device_peak_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes,
                                   warm_up_compiler)
 from peftjax.train.provenance import provenance
 from peftjax.train.rundir import RunSummary, check_resumable, write_json
-from peftjax.train.step import evaluate, make_eval_fn, make_train_step, step_memory
+from peftjax.train.step import evaluate, make_eval_fn, step_memory
 
 
 def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
@@ -49,13 +49,19 @@ def run(config: RunConfig, out: Path, *, overwrite: bool = False, progress: bool
 
     The run directory is locked (``.NAME.lock`` beside it) while the run lasts: a second process training into it
     is refused. A full disk or a permission error while writing is one line; the checkpoints stay usable.
+
+    On a device mesh (``config.mesh``, :mod:`peftjax.sharding`) of several processes (``jax.distributed``), every
+    process trains its part; process 0 alone locks and writes the run directory (config, metrics, summary), and
+    the checkpoints are written collectively by orbax.
     """
     out = Path(out)
     if resume and overwrite:
         raise PeftjaxError("--resume and --overwrite contradict each other; choose one")
     if out.exists() and not out.is_dir():
         raise PeftjaxError(f"run directory {out} is a file; choose another --out")
-    with lock_run_dir(out):
+    mc = config.mesh
+    sharding.initialize_distributed(mc.coordinator, mc.num_processes, mc.process_id)  # before any device is used
+    with lock_run_dir(out) if jax.process_index() == 0 else contextlib.nullcontext():
         try:
             return _run(config, out, overwrite=overwrite, progress=progress, resume=resume)
         except OSError as e:
@@ -106,12 +112,15 @@ def lock_run_dir(out: Path, *, what: str = "run directory"):
 def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resume: bool) -> dict:
     from tqdm import tqdm
 
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+    primary = jax.process_index() == 0  # the process that writes the run directory
+    if primary and out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise PeftjaxError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
                            "--overwrite to replace it, or choose --out")
     if resume:
         check_resumable(out, config)
         _check_same_schedule(out, config)
+    mc = config.mesh
+    mesh = sharding.make_mesh(mc.axes())
     t_start = time.perf_counter()
     warm_up_compiler()
     rss_start = rss_bytes()  # the interpreter, libraries and the compiler's start-up, before any model or data
@@ -124,16 +133,16 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         extra = f" + {n_virtual} virtual prompt tokens (peft.num_tokens)" if n_virtual else ""
         raise PeftjaxError(f"data.seq_len {config.data.seq_len}{extra} exceeds the model's context of "
                            f"{model.config.max_position} positions; lower data.seq_len")
-    graphdef, trainable, frozen = partition.split(model)
-    del model
-    load_s = time.perf_counter() - t_start
-
     tc = config.train
     compute_dtype = DTYPES[config.model.compute_dtype]
     optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(trainable)
-    step_fn = make_train_step(graphdef, optimizer, compute_dtype, grad_accum=tc.grad_accum,
-                              remat=config.model.remat)
+    placed = place(model, mesh, optimizer, rules=mc.rules, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                   compute_dtype=compute_dtype, remat=config.model.remat)  # the trees on the mesh, the step
+    del model
+    graphdef, trainable, frozen, opt_state = placed.graphdef, placed.trainable, placed.frozen, placed.opt_state
+    step_fn, replicate = placed.step, placed.replicate
+    load_s = time.perf_counter() - t_start
+
     dropout = getattr(config.peft, "dropout", 0.0)
     eval_fn = make_eval_fn(graphdef, compute_dtype, data.eval.candidates)
     general_fn = None if data.forgetting is None else (  # forgetting: the loss on general text (LM blocks)
@@ -145,6 +154,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
         if ckpt.latest_step() is not None:
             trainable, opt_state, meta = ckpt.restore(trainable, opt_state, config=config)  # latest intact one
+            trainable, opt_state = placed.restore(trainable, opt_state)
             start_step = meta["step"]
             state.update(nonfinite_total=meta["nonfinite_total"], eval_before=meta["eval_before"],
                          consecutive=meta.get("nonfinite_consecutive", 0))
@@ -163,13 +173,15 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                            "lower train.batch_size or add data")
     # ---- validation is over: from here on the run directory is written
     try:
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if primary:
+            if out.exists() and overwrite:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     except OSError as e:
         raise PeftjaxError(f"cannot write the run directory {out} ({e.strerror or e}); choose a writable "
                            "--out") from None
+    sharding.barrier("run directory written")  # the other processes use it (checkpoints) after process 0 made it
     ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
     if resume:
         ckpt.discard_after(start_step)  # corrupt later checkpoints: this run writes them again
@@ -179,7 +191,8 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     if start_step and metrics_path.exists():  # drop records the killed run wrote after its last checkpoint
         kept = [r for r in map(_record, metrics_path.read_text().split("\n")[:-1])  # [:-1]: a line cut by a kill
                 if r is not None and r["step"] <= start_step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if primary:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     # the steps before the checkpoint count in the summary as in an uninterrupted run (step 1 holds compilation)
     prior_losses = [r["loss"] for r in kept if r.get("loss") is not None and not r.get("skipped")]
     prior_times = [r["step_s"] for r in kept if r.get("step_s") is not None and r["step"] > 1]
@@ -189,11 +202,11 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     rss_train_start = rss_bytes()
     reset_peak_rss()  # peak_rss_bytes below is then the peak of the training phase alone
     if state["eval_before"] is None:
-        state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
+        state["eval_before"] = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size, put=replicate)
 
     def general_loss():
         return None if general_fn is None else evaluate(general_fn, trainable, frozen, data.forgetting,
-                                                        tc.eval_batch_size)["eval_loss"]
+                                                        tc.eval_batch_size, put=replicate)["eval_loss"]
 
     if data.forgetting is not None and state["general_before"] is None:
         state["general_before"] = general_loss()
@@ -211,9 +224,9 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                          extra={"nonfinite_total": state["nonfinite_total"], "eval_before": state["eval_before"],
                                 "nonfinite_consecutive": consecutive, "general_before": state["general_before"]})
 
-    bar = tqdm(total=tc.steps, initial=start_step, desc=config.name, unit="step", disable=not progress,
-               dynamic_ncols=True)
-    with open(metrics_path, "a") as metrics_file:
+    bar = tqdm(total=tc.steps, initial=start_step, desc=config.name, unit="step",
+               disable=not (progress and primary), dynamic_ncols=True)
+    with open(metrics_path if primary else os.devnull, "a") as metrics_file:
         def log(record):
             metrics_file.write(json.dumps(json_safe(record)) + "\n")
             metrics_file.flush()
@@ -221,9 +234,9 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         for step in range(start_step, tc.steps):
             rows = [next(micro) for _ in range(tc.grad_accum)]
             real_tokens = int(sum(row_targets[i].sum() for i in rows))
-            batch = jax.tree.map(jnp.asarray, data.train_batch(rows))
+            batch = sharding.put_rows(data.train_batch, rows, placed.batch_sharding, placed.row_axis)  # own rows
             t0 = time.perf_counter()
-            key = jax.random.fold_in(dropout_root, step) if dropout else None
+            key = replicate(jax.random.fold_in(dropout_root, step)) if dropout else None
             if compiled is None:  # compiled once, explicitly, so XLA's allocation for the step can be read
                 compiled = step_fn.lower(trainable, opt_state, frozen, batch, key).compile()
                 memory = step_memory(compiled)
@@ -250,13 +263,15 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             if consecutive >= tc.max_nonfinite:
                 bar.close()
                 good = _last_good(ckpt, saved_steps, trainable, config, lambda t: evaluate(
-                    eval_fn, t, frozen, data.eval, tc.eval_batch_size)["eval_loss"])
+                    eval_fn, placed.restore(t)[0], frozen, data.eval, tc.eval_batch_size,
+                    put=replicate)["eval_loss"])
                 where = f"step {good} in {ckpt_dir}" if good else "none (every saved step already diverged)"
                 raise PeftjaxError(f"stopped at step {step + 1}: {consecutive} non-finite losses or gradients in a "
                                    f"row (updates skipped); lower train.learning_rate and start again with "
                                    f"--overwrite. Last good checkpoint: {where}")
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 != tc.steps:
-                log({"step": step + 1, **evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)})
+                log({"step": step + 1, **evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size,
+                                                  put=replicate)})
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 != tc.steps and consecutive == 0:
                 save(step + 1)
                 saved_step = step + 1
@@ -268,7 +283,7 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
             saved_step = tc.steps
             save(tc.steps)
         ckpt_bytes = directory_bytes(ckpt_dir / str(tc.steps))
-        eval_after = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size)
+        eval_after = evaluate(eval_fn, trainable, frozen, data.eval, tc.eval_batch_size, put=replicate)
         general_after = general_loss()
         log({"step": tc.steps, **eval_after, **({"general_loss": general_after} if general_fn else {})})
     ckpt.close()
@@ -305,13 +320,16 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
         epochs=tc.steps * tc.batch_size * tc.grad_accum / len(data.train),
         train_blocks=data.info["train_blocks"], eval_blocks=data.info["eval_blocks"], eval_docs=data.info["eval_docs"],
         wall_s=time.perf_counter() - t_start, jax_version=jax.__version__, backend=jax.default_backend(),
+        frozen_bytes_per_device=sharding.per_device_nbytes(frozen),
+        mesh={**dict(mesh.shape), "processes": jax.process_count()},
         forgetting_set=data.info["forgetting_set"], general_loss_before=state["general_before"],
         general_loss_after=general_after,
         forgetting=None if general_after is None else general_after - state["general_before"],
         provenance=provenance(config),
     ).to_json()
     summary = json_safe(summary)
-    write_json(out / "summary.json", summary)
+    if primary:
+        write_json(out / "summary.json", summary)
     return summary
 
 

@@ -64,9 +64,9 @@ def warm_up_compiler() -> None:
 
 
 def device_peak_bytes() -> int | None:
-    """The accelerator allocator's peak bytes in use (``memory_stats()["peak_bytes_in_use"]`` of the first device:
-    a GPU's or TPU's); None on a CPU, whose runtime keeps no such statistics."""
+    """The accelerator allocator's peak bytes in use (``memory_stats()["peak_bytes_in_use"]`` of this process's
+    first device: a GPU's or TPU's); None on a CPU, whose runtime keeps no such statistics."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")

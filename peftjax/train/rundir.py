@@ -76,6 +76,8 @@ class RunSummary:
     wall_s: float
     jax_version: str
     backend: str
+    frozen_bytes_per_device: int | None = None  # the frozen tree on the device holding most, read from its shardings
+    mesh: dict | None = None  # {data, fsdp, tensor} device counts (peftjax.sharding), and processes
     forgetting_set: str | None = None  # the general text of data.forgetting (None: off)
     general_loss_before: float | None = None  # its loss before training (nats per token)
     general_loss_after: float | None = None
@@ -112,7 +114,8 @@ def check_resumable(out: Path, config: RunConfig) -> None:
     from peftjax.config import from_dict
 
     recorded = to_dict(from_dict(yaml.safe_load(recorded_path.read_text())))  # normalised: older layouts compare
-    diffs = [k for k in _config_differences(recorded, to_dict(config)) if k not in ("train.steps", "name")]
+    diffs = [k for k in _config_differences(recorded, to_dict(config)) if k not in ("train.steps", "name")
+             and not k.startswith("mesh.")]  # a checkpoint restores onto any mesh
     if diffs:
         k = diffs[0]
         raise PeftjaxError(f"--resume: {k} is {_lookup(recorded, k)!r} in {recorded_path} but "

@@ -53,7 +53,7 @@ def lm_loss(graphdef, trainable, frozen, batch, compute_dtype=jnp.float32):
 
 
 def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=causal_lm_loss, grad_accum: int = 1,
-                    remat: bool = False):
+                    remat: bool = False, shardings=None):
     """The jitted step; ``trainable`` and ``opt_state`` are donated, ``frozen`` is never differentiated.
 
     With ``grad_accum > 1`` the batch has a leading micro-batch axis; gradients of the summed loss are
@@ -62,6 +62,10 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
     parameters and optimizer state come out unchanged. ``remat`` recomputes each decoder layer's activations in
     the backward pass. ``dropout_key`` (optional 5th argument) is the step's randomness, passed down the model's
     call (never stored on it); the loop derives it from (seed, step), so a resumed run draws the same masks.
+
+    ``shardings`` = (trainable, opt_state, frozen, batch, replicated) ``NamedSharding`` trees
+    (:mod:`peftjax.sharding`) makes it one SPMD program over their mesh: the arguments come in and the updated
+    state goes out with those layouts (the donated buffers are reused in place), the metrics replicated.
     """
     def terms(trainable, frozen, batch, key):
         model = partition.merge(graphdef, trainable, frozen)
@@ -100,7 +104,11 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
         trainable, opt_state = jax.lax.cond(finite, update, lambda state: state, (trainable, opt_state))
         return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    trainable_s, opt_s, frozen_s, batch_s, replicated = shardings
+    return jax.jit(step, donate_argnums=(0, 1), in_shardings=(trainable_s, opt_s, frozen_s, batch_s, replicated),
+                   out_shardings=(trainable_s, opt_s, replicated))
 
 
 def step_memory(compiled) -> dict:
@@ -129,9 +137,10 @@ def make_eval_fn(graphdef, compute_dtype=jnp.float32, candidates=None):
     return jax.jit(fn)
 
 
-def evaluate(eval_fn, trainable, frozen, rows, batch_size: int) -> dict:
+def evaluate(eval_fn, trainable, frozen, rows, batch_size: int, put=None) -> dict:
     """Token-weighted loss, perplexity and (classification) accuracy over every eval row. The last batch is
-    padded to the full batch size with rows that count nothing, so one compiled shape serves every batch."""
+    padded to the full batch size with rows that count nothing, so one compiled shape serves every batch.
+    ``put`` places a host batch on the devices (default: the default device; a run on a mesh replicates it)."""
     n = len(rows)
     bs = min(batch_size, n)
     sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
@@ -142,7 +151,8 @@ def evaluate(eval_fn, trainable, frozen, rows, batch_size: int) -> dict:
         batch["loss_mask"] = batch["loss_mask"] * real[:, None]
         if rows.label is not None:
             batch["weight"] = real.astype(np.int32)
-        out = jax.device_get(eval_fn(trainable, frozen, jax.tree.map(jnp.asarray, batch)))
+        batch = jax.tree.map(jnp.asarray, batch) if put is None else put(batch)
+        out = jax.device_get(eval_fn(trainable, frozen, batch))
         for k, v in out.items():
             sums[k] += float(v)
     loss = sums["loss_sum"] / max(sums["count"], 1.0)
