@@ -155,11 +155,11 @@ def cmd_memory(args) -> int:
 
     if args.table == "classic":
         print("bf16 weights (GiB of the exact parameter count; the classic table rounds down):\n")
-        print(M.bf16_weight_table(M.CLASSIC + ["llama-65b"]))
+        print(M.bf16_weight_table(M.CLASSIC + ["llama-65b"] + M.MODERN))
         print(f"\ntraining memory, batch {args.batch_size} x {args.seq_len} tokens, bf16 weights and activations, "
               "float32 adapters and AdamW state:\n")
-        print(M.methods_table(M.CLASSIC + ["llama-65b"], batch_size=args.batch_size, seq_len=args.seq_len,
-                              rank=args.rank))
+        print(M.methods_table(M.CLASSIC + ["llama-65b"] + M.MODERN, batch_size=args.batch_size,
+                              seq_len=args.seq_len, rank=args.rank))
         return 0
     dtypes = dict(weight_dtype=args.weight_dtype, trainable_dtype=args.trainable_dtype,
                   compute_dtype=args.compute_dtype)
@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", help="estimate training memory (weights, adapter, gradients, optimizer, "
                                       "activations) from the architecture")
     m.add_argument("--model", default="smollm2", help="smollm2, llama2-7b, llama2-13b, llama2-70b, mistral-7b, "
-                                                      "llama-65b, tiny")
+                                                      "llama-65b, llama3.1-8b, qwen2.5-7b, gemma2-9b, tiny, or a "
+                                                      "Hugging Face config.json (or its model directory)")
     m.add_argument("--method", default="lora", help="a preset (lora, qlora, dora, full, ...) or a registered method")
     m.add_argument("--rank", type=int, default=8)
     m.add_argument("--targets", help="adapter targets (default: the method's)")

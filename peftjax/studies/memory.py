@@ -12,10 +12,11 @@ builds (one and two decoder layers) give the per-layer and fixed parts exactly, 
 - **optimizer**: AdamW's two float32 moments per trainable parameter, plus a float32 master copy when full
   fine-tuning trains weights held in a 16-bit dtype (mixed precision: 2 + 2 + 4 + 4 + 4 = 16 bytes per parameter);
 - **activations**: what the backward pass keeps per token and decoder layer, in ``--compute-dtype``: each
-  RMSNorm's input and output (4 d), the rotated q and k and the values (d + 2 kv), the attention scores, their
-  causally masked copy and the probabilities (3 x heads x attended positions; XLA on CPU keeps all three), the
-  attention output (d), and the MLP's gate, up, SiLU(gate) and gated product
-  (4 ff); at the head, float32 logits, their softmax and its gradient (3 V per token) for one chunk of tokens
+  RMSNorm's input and output (4 d; 8 d with Gemma's sandwich norms, and q/k norms' 2 (q + kv) in Qwen3 / Gemma 3),
+  the rotated q and k and the values (q + 2 kv), the attention scores, their causally masked copy and the
+  probabilities (3 x heads x positions; XLA on CPU keeps all three; a sliding window masks scores without
+  shortening them), the attention output (q), and the MLP's gate, up, SiLU(gate) and gated product (4 ff); at the
+  head, float32 logits, their softmax and its gradient (3 V per token) for one chunk of tokens
   (the loss never holds more) and the gradient of the final hidden states (d per token). With ``remat`` only each
   layer's input (d) is kept, and one layer's worth is recomputed at a time.
 
@@ -25,32 +26,55 @@ property of the machine, not of the model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import jax
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.families import config_from_hf
 from peftjax.models.llama import LlamaConfig
 
 GIB = 1024 ** 3
 
-# Published architectures (their config.json values). tie: whether the output head shares the embedding.
-ARCHITECTURES: dict[str, tuple[LlamaConfig, bool]] = {
-    "smollm2": (LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                            num_kv_heads=3, head_dim=64), True),
-    "llama-65b": (LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_layers=80,
-                              num_heads=64, num_kv_heads=64, head_dim=128), False),
-    "llama2-7b": (LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                              num_heads=32, num_kv_heads=32, head_dim=128), False),
-    "llama2-13b": (LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
-                               num_heads=40, num_kv_heads=40, head_dim=128), False),
-    "llama2-70b": (LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                               num_heads=64, num_kv_heads=8, head_dim=128), False),
-    "mistral-7b": (LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                               num_heads=32, num_kv_heads=8, head_dim=128), False),
-    "tiny": (LlamaConfig.tiny(), True),
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096)
+# Published architectures: the shape keys of their config.json files, read as a checkpoint's config.json is.
+PUBLISHED: dict[str, dict] = {
+    "smollm2": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                    rope_theta=100000.0, max_position_embeddings=8192),
+    "llama-65b": dict(_LLAMA2, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64, max_position_embeddings=2048),
+    "llama2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32),
+    "llama2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40),
+    "llama2-70b": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, sliding_window=None,
+                       max_position_embeddings=32768, rope_theta=1000000.0),
+    "llama3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                        max_position_embeddings=131072, rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, rope_theta=1000000.0, use_sliding_window=False),
+    "gemma2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                      num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                      sliding_window=4096, max_position_embeddings=8192),
 }
+
+
+def _published(name: str) -> LlamaConfig:
+    return config_from_hf(PUBLISHED[name], name)
+
+
+ARCHITECTURES = [*PUBLISHED, "tiny"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -86,9 +110,27 @@ class MemoryEstimate:
 
 
 def architecture(name: str) -> tuple[LlamaConfig, bool]:
-    if name not in ARCHITECTURES:
-        raise PeftjaxError(f"unknown model {name!r} for the memory estimate; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    """(the decoder, whether its head is tied) of a published name, ``tiny``, or a Hugging Face ``config.json`` (or
+    the model directory holding one) of a supported family."""
+    if name == "tiny":
+        arch = LlamaConfig.tiny()
+    elif name in PUBLISHED:
+        arch = _published(name)
+    else:
+        path = Path(name)
+        path = path / "config.json" if path.is_dir() else path
+        if path.suffix != ".json" or not path.is_file():
+            raise PeftjaxError(f"unknown model {name!r} for the memory estimate; give one of "
+                               f"{', '.join(ARCHITECTURES)}, or a Hugging Face config.json (or its directory)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PeftjaxError(f"{path} is not valid JSON ({e})") from None
+        try:
+            arch = config_from_hf(raw, str(path))
+        except KeyError as e:
+            raise PeftjaxError(f"{path} lacks {e.args[0]!r}, which the estimate needs") from None
+    return arch, arch.tie_embeddings
 
 
 def _abstract_split(arch: LlamaConfig, num_layers: int, config):
@@ -130,8 +172,13 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
     """Bytes the backward pass keeps for one batch (see the module docstring for the terms). Prompt tuning's
     virtual tokens are extra positions; prefix tuning's are extra keys every position attends to."""
     d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
+    q = arch.num_heads * arch.head_dim
     positions = seq_len + virtual_tokens
-    per_token_layer = 6 * d + 2 * kv + 4 * ff + 3 * arch.num_heads * (positions + prefix_tokens)
+    # each norm's input and output (4 norms with Gemma's sandwich norms; q/k norms per head), rotated q, k, the
+    # values and the attention output, the MLP, attention's scores over every position (a sliding window masks
+    # scores, it does not shorten them)
+    norms = (4 if arch.sandwich_norms else 2) * 2 * d + (2 * (q + kv) if arch.qk_norm else 0)
+    per_token_layer = norms + 2 * q + 2 * kv + 4 * ff + 3 * arch.num_heads * (positions + prefix_tokens)
     tokens = batch_size * positions
     from peftjax.train.step import LOSS_CHUNK
 
@@ -256,3 +303,4 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
 
 
 CLASSIC = ["llama2-70b", "llama2-13b", "llama2-7b", "mistral-7b"]
+MODERN = ["llama3.1-8b", "qwen2.5-7b", "gemma2-9b"]  # models researchers fine-tune today

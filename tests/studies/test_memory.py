@@ -1,7 +1,9 @@
 """peftjax memory: exact parameter counts, the classic bf16 table, method ordering, and estimate vs XLA."""
+import json
 import math
 
 import jax
+
 import pytest
 from flax import nnx
 
@@ -93,7 +95,7 @@ def test_cli(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--model", "gpt-5"], "unknown model 'gpt-5' for the memory estimate; known: smollm2"),
+    (["--model", "gpt-5"], "unknown model 'gpt-5' for the memory estimate; give one of smollm2"),
     (["--method", "nope"], "nope"),
     (["--weight-dtype", "int3"], "--weight-dtype must be one of float32, bfloat16, float16, got 'int3'"),
 ])
@@ -101,3 +103,30 @@ def test_cli_errors(capsys, argv, message):
     assert main(["memory", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("peftjax: error:") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b", "qwen2.5-7b", "gemma2-9b", "mistral-7b"])
+def test_published_parameter_counts_equal_transformers(name):
+    """Each published architecture, built by transformers from the same config.json keys on the meta device (no
+    memory), has exactly the parameter count the estimate reports."""
+    torch = pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
+    transformers = pytest.importorskip("transformers")
+
+    raw = dict(M.PUBLISHED[name])
+    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+    assert M.estimate(name, "full").total_params == expected
+
+
+def test_memory_from_a_config_json(tmp_path, capsys):
+    """``peftjax memory --model DIR`` reads a Hugging Face config.json (here Gemma 2 9B's keys) as a checkpoint's."""
+    (tmp_path / "config.json").write_text(json.dumps(M.PUBLISHED["gemma2-9b"]))
+    assert main(["memory", "--model", str(tmp_path), "--method", "qlora"]) == 0
+    out = capsys.readouterr().out
+    by_name = M.estimate("gemma2-9b", "qlora", seq_len=512)
+    assert f"{by_name.total_params:,} parameters" in out and M.human(by_name.total) in out
+    (tmp_path / "config.json").write_text(json.dumps({**M.PUBLISHED["gemma2-9b"], "model_type": "falcon"}))
+    assert main(["memory", "--model", str(tmp_path)]) == 2
+    assert "model_type 'falcon'" in capsys.readouterr().err
