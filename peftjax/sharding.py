@@ -4,7 +4,8 @@ A run's arrays are global ``jax.Array`` s laid out by ``NamedSharding(mesh, Part
 ``jax.jit`` with those shardings in and out, and XLA's SPMD partitioner (GSPMD) inserts the collectives. Nothing
 here communicates by hand. With D x F x T devices:
 
-- **batches** are split over ``data`` x ``fsdp`` (D x F groups of rows): data parallelism, and FSDP's data side;
+- **batches** are split over ``data`` x ``fsdp`` (D x F groups of rows): data parallelism, and FSDP's data side
+  (a batch size they do not divide is split over the one of them that divides it);
 - **frozen base weights** are split by the logical-axis table :data:`LOGICAL_RULES`: a linear layer's (d_in, d_out)
   kernel has the logical axes of :data:`LINEAR_AXES` (``hidden`` -> ``fsdp`` shards the model width of every
   kernel F ways, ZeRO-3 / FSDP as in Rajbhandari et al. 2020; ``heads`` / ``mlp`` -> ``tensor`` splits attention

@@ -49,13 +49,13 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
     blocks = put(rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32), placed.batch_sharding)
 
     t0 = time.perf_counter()
-    compiled = step.lower(trainable, opt_state, frozen, blocks).compile()
+    compiled = step.lower(trainable, opt_state, frozen, blocks, None).compile()
     compile_s = time.perf_counter() - t0
     memory = step_memory(compiled)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, blocks)
+        trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, blocks, None)
         jax.block_until_ready(metrics["loss"])
         if i >= warmup:
             times.append(time.perf_counter() - t0)

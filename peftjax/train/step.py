@@ -65,7 +65,8 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
 
     ``shardings`` = (trainable, opt_state, frozen, batch, replicated) ``NamedSharding`` trees
     (:mod:`peftjax.sharding`) makes it one SPMD program over their mesh: the arguments come in and the updated
-    state goes out with those layouts (the donated buffers are reused in place), the metrics replicated.
+    state goes out with those layouts (the donated buffers are reused in place), the metrics replicated; the step
+    is then called with all five arguments (``dropout_key`` None without dropout).
     """
     def terms(trainable, frozen, batch, key):
         model = partition.merge(graphdef, trainable, frozen)
