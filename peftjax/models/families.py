@@ -2,7 +2,7 @@
 sets, read exactly as transformers reads them (its defaults where a key is absent), and written back for export.
 
 Families: ``llama`` (Llama 2 / 3.x, SmolLM2), ``mistral``, ``qwen2`` (Qwen2 / 2.5), ``qwen3``, ``gemma2`` and
-``gemma3_text`` (Gemma 3's text model). A key that changes the maths and is not implemented is an error, never
+``gemma3_text`` (Gemma 3's text model); and the ``bert`` encoder (:mod:`peftjax.models.bert`). A key that changes the maths and is not implemented is an error, never
 ignored.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.bert import BertConfig
 from peftjax.models.llama import ACTIVATIONS, LlamaConfig
 from peftjax.models.rope import ROPE_TYPES, RopeScaling
 
@@ -73,17 +74,33 @@ def _layer_types(cfg: dict, family: str, n: int) -> tuple[str, ...] | None:
     return None
 
 
-def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> LlamaConfig:
-    """The decoder a Hugging Face ``config.json`` describes; a family or a setting peftjax does not implement is a
+def bert_config(cfg: dict[str, Any], where: str) -> BertConfig:
+    """The encoder a BERT ``config.json`` describes (dropout is a training-time setting of HF's, not applied)."""
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise PeftjaxError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                           "(absolute positions only)")
+    if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
+        raise PeftjaxError(f"{where}: BERT as a decoder / with cross-attention is not supported (encoders only)")
+    return BertConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                      intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+                      num_heads=cfg["num_attention_heads"], max_position=cfg.get("max_position_embeddings", 512),
+                      type_vocab_size=cfg.get("type_vocab_size", 2), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+                      hidden_act=cfg.get("hidden_act", "gelu"))
+
+
+def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> LlamaConfig | BertConfig:
+    """The model a Hugging Face ``config.json`` describes; a family or a setting peftjax does not implement is a
     one-line error naming it."""
     family = raw.get("model_type", "llama")
+    if family == "bert":
+        return bert_config(raw, where)
     if family == "gemma3" and "text_config" in raw:
         raise PeftjaxError(f"{where}: a multimodal Gemma 3 checkpoint; peftjax loads Gemma 3 text models "
                            "(model_type gemma3_text, Gemma3ForCausalLM)")
     if family not in _DEFAULTS:
         archs = raw.get("architectures") or []
         raise PeftjaxError(f"{where}: model_type {family!r} {archs} is not supported; peftjax loads "
-                           f"{', '.join(FAMILIES)}")
+                           f"{', '.join(FAMILIES)} and bert")
     cfg = {**_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None or k == "sliding_window"}}
     if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
         cfg["sliding_window"] = None

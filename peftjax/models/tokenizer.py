@@ -98,3 +98,42 @@ def byte_tokenizer() -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return Tokenizer(backend, bos_id=None, eos_id=0)
+
+
+class EncoderTokenizer(Tokenizer):
+    """An encoder's tokenizer (WordPiece for BERT): ``encode`` adds the special tokens as transformers does
+    (``[CLS] text [SEP]``, from tokenizer.json's post-processor), and ``batch`` pads to one length with a mask."""
+
+    def __init__(self, backend: HFTokenizer, *, pad_id: int):
+        super().__init__(backend, bos_id=None, eos_id=None)
+        self.pad_id = pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=True).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+
+    def batch(self, texts: list[str], max_len: int):
+        """(ids, attention_mask) int32 arrays (len(texts), L), L the longest encoding up to ``max_len``; longer
+        texts are truncated keeping their final [SEP]."""
+        import numpy as np
+
+        rows = [ids if len(ids) <= max_len else ids[:max_len - 1] + ids[-1:] for ids in self.encode_batch(texts)]
+        L = max(map(len, rows))
+        ids = np.full((len(rows), L), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), L), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return ids, mask
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> "EncoderTokenizer":
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise PeftjaxError(f"{path} has no tokenizer.json; an encoder directory needs one")
+        backend = HFTokenizer.from_file(str(file))
+        backend.no_padding()
+        backend.no_truncation()
+        pad = backend.token_to_id("[PAD]")
+        return cls(backend, pad_id=0 if pad is None else pad)

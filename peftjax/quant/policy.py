@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models.llama import Linear, LlamaForCausalLM, after
+from peftjax.models.llama import Linear, after
 from peftjax.models.loading import load_into, open_checkpoint
 from peftjax.errors import PeftjaxError
 from peftjax.variables import Quantized
@@ -138,8 +138,7 @@ def load_quantized(name_or_path, rules: list[QuantRule], dtype=jnp.float32, *, n
     is the quantized model plus one tensor, so a base whose 16-bit weights would not fit in memory still loads.
     Returns (model, tokenizer)."""
     ckpt = open_checkpoint(name_or_path).truncated(num_layers)
-    abstract = nnx.eval_shape(lambda: quantize_model(LlamaForCausalLM(ckpt.config, rngs=nnx.Rngs(0), dtype=dtype),
-                                                     rules))
+    abstract = nnx.eval_shape(lambda: quantize_model(ckpt.build(rngs=nnx.Rngs(0), dtype=dtype), rules))
 
     def convert(name, variable, w_DO):
         if not isinstance(variable, Quantized):

