@@ -11,7 +11,6 @@ This file is the walkthrough of docs/extending.md: a variable type, the maths, a
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 
 import jax
@@ -21,7 +20,8 @@ import numpy as np
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
 from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
-                              check_unmerged, hf_number, hf_targets, module_names, register_method, replace_matching)
+                              check_unmerged, hf_number, hf_targets, kaiming_uniform, module_names, register_method,
+                              replace_matching)
 
 
 class LoHa(Adapter):
@@ -41,11 +41,6 @@ def loha_weight(a1_DR, b1_RO, a2_DR, b2_RO, scale: float) -> jax.Array:
     return (a1_DR @ b1_RO) * (a2_DR @ b2_RO) * scale
 
 
-def _kaiming(key, shape, fan_in: int) -> jax.Array:
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 class LoHaLinear(AdapterLinear):
     mergeable = True
 
@@ -53,9 +48,9 @@ class LoHaLinear(AdapterLinear):
         super().__init__(base)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         k1, k2, k3 = jax.random.split(key, 3)
-        self.hada_a1 = LoHa(_kaiming(k1, (base.d_in, rank), base.d_in))
-        self.hada_b1 = LoHa(_kaiming(k2, (rank, base.d_out), rank))
-        self.hada_a2 = LoHa(_kaiming(k3, (base.d_in, rank), base.d_in))
+        self.hada_a1 = LoHa(kaiming_uniform(k1, (base.d_in, rank), base.d_in))
+        self.hada_b1 = LoHa(kaiming_uniform(k2, (rank, base.d_out), rank))
+        self.hada_a2 = LoHa(kaiming_uniform(k3, (base.d_in, rank), base.d_in))
         self.hada_b2 = LoHa(jnp.zeros((rank, base.d_out), jnp.float32))  # ΔW = 0 at the start
 
     def delta_weight(self) -> jax.Array:

@@ -8,7 +8,10 @@ time. Modules that are not linear wrappers (prefix, prompt) subclass :class:`Ada
 """
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models.llama import Linear
@@ -46,3 +49,9 @@ class AdapterLinear(AdapterModule):
 
     def unmerge_kernel(self, w_DO: jax.Array) -> jax.Array:
         raise NotImplementedError
+
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's ``kaiming_uniform_(a=sqrt(5))``, Hugging Face PEFT's factor init."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)

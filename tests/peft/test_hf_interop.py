@@ -22,6 +22,8 @@ TYPES = {
                                      feedforward_modules=["down_proj"]),
     "VERA": lambda: peft_hf.VeraConfig(r=4, target_modules=["q_proj", "down_proj"]),
     "LOHA": lambda: peft_hf.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "LOKR": lambda: peft_hf.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       decompose_both=True),
     "PROMPT_TUNING": lambda: peft_hf.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "PREFIX_TUNING": lambda: peft_hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
 }
