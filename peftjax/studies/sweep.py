@@ -142,6 +142,14 @@ def _finished_names(out: Path) -> set[str]:
     return names
 
 
+# Points share XLA's persistent compilation cache (a directory in the sweep): a point whose compiled functions equal
+# an earlier point's (another seed or data order: same shapes, same constants) loads them instead of compiling. A
+# point that changes a constant of the step (the learning rate, the method) still compiles its own. Set the
+# variable yourself to use another cache.
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+COMPILATION_CACHE = ".jax_cache"
+
+
 def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set | None = None,
               mesh: str | None = None) -> dict | None:
     """Run one point as its own process (honest peak memory); its output goes to ``out/logs/NAME.log``.
@@ -178,6 +186,8 @@ def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set
         cmd = train_command(spec_path, run_dir, point, "--no-progress", *(("--mesh", mesh) if mesh else ()),
                             resume=resume)
         env = {**os.environ, LOCK_ENV: str(run_dir.absolute()), "PEFTJAX_PARENT_PID": str(os.getpid())}
+        env.setdefault(COMPILATION_CACHE_ENV, str((out / COMPILATION_CACHE).absolute()))
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every function, however quick to compile
         (out / "logs").mkdir(exist_ok=True)
         start = time.perf_counter()
         with open(out / "logs" / f"{name}.log", "a" if resume else "w") as log:

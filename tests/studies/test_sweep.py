@@ -33,7 +33,8 @@ def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
     for plot in ("quality_vs_memory.png", "quality_vs_time.png", "eval_loss_vs_rank.png", "tokens_per_s.png",
                  "loss_curves.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
-    assert (out / "report.csv").read_text().startswith("peft.rank,quant.format,seeds")
+    assert (out / "report.csv").read_text().startswith("name,peft.rank,quant.format,seeds")
+    assert any((out / ".jax_cache").iterdir())  # the points' shared compilation cache
     # a rerun skips finished points
     again = cli("sweep", str(spec), "--out", str(out))
     assert again.returncode == 0 and again.stdout.count(": skipped") == 8
