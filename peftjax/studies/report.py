@@ -288,6 +288,35 @@ def write_sweep_report(sweep_dir) -> tuple[str, list[str]]:
             "sweep again to resume them.\n\n") if missing else ""
     text = (f"# Sweep report: {out.name}\n\n{len(records)} finished runs in {len(rows)} groups "
             f"({CI_NOTE}).\n\n{note}{table}\n\n"
-            + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
+            + "\n".join(f"![{p}]({p})" for p in plots) + "\n\n" + provenance_section(records))
     (out / "report.md").write_text(text)
     return text, plots
+
+
+def provenance_section(records: list[dict]) -> str:
+    """Markdown: where the runs ran and on what (every distinct value over the runs' ``summary.provenance``:
+    git commit and dirty flag, hardware, backend, package versions, input sha256s) and one run's command."""
+    provs = [r["summary"].get("provenance") for r in records]
+    lines = ["## Provenance", ""]
+    if not any(provs):
+        return "\n".join(lines + ["Not recorded: these runs predate provenance in run summaries.", ""])
+    have = [p for p in provs if p]
+    if len(have) < len(provs):
+        lines.append(f"Recorded by {len(have)} of {len(provs)} runs.")
+
+    def distinct(values) -> str:
+        return ", ".join(dict.fromkeys(str(v) for v in values))
+
+    git = [f"{g['commit'][:12]}{' (dirty)' if g['dirty'] else ''}" if g else "not a git checkout"
+           for g in (p.get("git") for p in have)]
+    lines += [f"- git: {distinct(git)}",
+              f"- hardware: {distinct(p['cpu'] for p in have)}; "
+              f"accelerator: {distinct(p['accelerator'] for p in have)}",
+              f"- jax backend: {distinct(p['backend'] for p in have)}, "
+              f"devices: {distinct(p['device_count'] for p in have)}",
+              f"- python {distinct(p['python'] for p in have)}; "
+              + "; ".join(f"{name} {distinct(p['packages'].get(name) for p in have)}" for name in have[0]["packages"]),
+              "- inputs (sha256): " + "; ".join(f"{k} {distinct(p['inputs'].get(k) for p in have)}"
+                                                 for k in dict.fromkeys(k for p in have for k in p["inputs"])),
+              f"- command of {records[provs.index(have[0])]['name']}: `{have[0]['command']}`", ""]
+    return "\n".join(lines)

