@@ -24,6 +24,9 @@ TYPES = {
     "LOHA": lambda: peft_hf.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
     "LOKR": lambda: peft_hf.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                        decompose_both=True),
+    "OFT": lambda: peft_hf.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "OFT (exact Cayley, shared block)": lambda: peft_hf.OFTConfig(r=0, oft_block_size=16, target_modules=["o_proj"],
+                                                                  use_cayley_neumann=False, block_share=True),
     "PROMPT_TUNING": lambda: peft_hf.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "PREFIX_TUNING": lambda: peft_hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
 }

@@ -10,13 +10,15 @@ from peftjax import peft
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.lokr import LoKrConfig
+from peftjax.peft.oft import OFTConfig
 from peftjax.peft.vera import VeRAConfig
 from peftjax.quant.policy import QuantRule, quantize_model
 from peftjax.data import random_blocks
 from peftjax.models import tiny_model
 
 MERGEABLE = {"lora": peft.LoRAConfig(rank=4), "dora": peft.LoRAConfig(rank=4, dora=True),
-             "ia3": peft.IA3Config(), "vera": VeRAConfig(rank=4), "lokr": LoKrConfig(rank=2, decompose_both=True)}
+             "ia3": peft.IA3Config(), "vera": VeRAConfig(rank=4), "lokr": LoKrConfig(rank=2, decompose_both=True),
+             "oft": OFTConfig(block_size=16)}
 
 
 def weights(model):
