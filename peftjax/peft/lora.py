@@ -7,6 +7,8 @@ Inits (``init``):
     "gaussian"  A ~ N(0, 1/r^2), B = 0.
     "pissa"     (Meng et al. 2024) the top-r SVD of W = U S V^T: A = U_r sqrt(S_r), s B = sqrt(S_r) V_r^T, and W is
                 replaced by its residual W - U_r S_r V_r^T (requantized when the base is quantized), so W + s B A = W.
+    "olora"     (Büyükakyüz 2024) the QR decomposition of torch's (d_out, d_in) weight W^T = Q R: A = (R_r)^T,
+                B = (Q_r)^T (orthonormal rows), and W becomes W - s A B, as Hugging Face PEFT's init="olora".
     "loftq"     (Li et al. 2023) alternate Q = quantize(W - s B A) and (A, B) = top-r SVD of W - Q, so that
                 Q + s B A ~ W better than Q alone; the base becomes quantized in ``loftq_format``.
 DoRA (Liu et al. 2024, ``dora=True``): a magnitude vector m (init ||W||, per output column) rescales the adapted
@@ -260,10 +262,27 @@ def gaussian_a(key, d_in: int, rank: int) -> jax.Array:
 
 def pissa_init(layer: LoRALinear, config: "LoRAConfig") -> None:
     """PiSSA: factors from the top-r SVD of W, the base replaced by the residual (requantized if quantized)."""
+    a, b = svd_factors(layer.base.kernel(jnp.float32), layer.rank, layer.scale)
+    _keep_residual(layer, a, b)
+
+
+def qr_factors(w_DO: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """OLoRA's (A, B): with torch's (d_out, d_in) weight W^T = Q R, A = (R_r)^T (its first r rows) and B = (Q_r)^T
+    (its first r columns), so that A B = (Q_r R_r)^T."""
+    q, r = jnp.linalg.qr(w_DO.T.astype(jnp.float32))
+    return r[:rank].T, q[:, :rank].T
+
+
+def olora_init(layer: LoRALinear, config: "LoRAConfig") -> None:
+    """OLoRA: factors from the QR decomposition of W (orthonormal B), the base replaced by W - s A B."""
+    a, b = qr_factors(layer.base.kernel(jnp.float32), layer.rank)
+    _keep_residual(layer, a, b)
+
+
+def _keep_residual(layer: LoRALinear, a: jax.Array, b: jax.Array) -> None:
+    """Set the factors and replace the base by W - s A B (requantized if quantized), so the model is unchanged."""
     base = layer.base
-    w = base.kernel(jnp.float32)
-    a, b = svd_factors(w, layer.rank, layer.scale)
-    residual = w - lora_weight(a, b, layer.scale)
+    residual = base.kernel(jnp.float32) - lora_weight(a, b, layer.scale)
     if isinstance(base.weight, Quantized):
         base.weight = Quantized(base.requantized(residual))
     else:
@@ -288,8 +307,8 @@ def loftq_layer_init(layer: LoRALinear, config: "LoRAConfig") -> None:
 
 
 # A's random draw per init name; inits that derive the factors from W also rewrite the layer after it is built
-INITS = {"default": kaiming_a, "gaussian": gaussian_a, "pissa": kaiming_a, "loftq": kaiming_a}
-FROM_WEIGHTS = {"pissa": pissa_init, "loftq": loftq_layer_init}
+INITS = {"default": kaiming_a, "gaussian": gaussian_a, "pissa": kaiming_a, "olora": kaiming_a, "loftq": kaiming_a}
+FROM_WEIGHTS = {"pissa": pissa_init, "olora": olora_init, "loftq": loftq_layer_init}
 
 
 def pattern_value(path: str, pattern: dict | tuple, default):

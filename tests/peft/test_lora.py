@@ -98,3 +98,30 @@ def test_full_fine_tuning_trains_every_parameter():
     _, trainable, frozen = partition.split(model)
     assert partition.param_count(trainable) == partition.param_count(nnx.state(base))
     assert jax.tree.leaves(frozen) == []
+
+
+def test_olora_init_equals_hf_peft(tmp_path):
+    """init="olora" against the live peft on the same tiny Llama: the same factors (QR of torch's (d_out, d_in)
+    weight, A = R_r, B = Q_r), the same residual base weights, and an unchanged model."""
+    torch = pytest.importorskip("torch", reason="the interop extra (torch, peft, transformers) is not installed")
+    transformers, peft_hf = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from peftjax.peft.hf import save_hf_model
+
+    base = tiny_model(seed=1)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(save_hf_model(base, tmp_path / "base"),
+                                                                dtype=torch.float32)
+    hf = peft_hf.get_peft_model(hf_base, peft_hf.LoraConfig(r=4, lora_alpha=8, init_lora_weights="olora",
+                                                            target_modules=["q_proj", "down_proj"]))
+    ours = peft.apply(base, LoRAConfig(rank=4, alpha=8.0, init="olora", targets=("q_proj", "down_proj")))
+    hf_layers = dict(hf.named_modules())
+    diffs = []
+    for path, layer in nnx.iter_modules(ours):
+        if isinstance(layer, LoRALinear):
+            theirs = hf_layers["base_model.model.model." + ".".join(map(str, path))]
+            for mine, hf_value in ((layer.lora_a, theirs.lora_A["default"].weight),
+                                   (layer.lora_b, theirs.lora_B["default"].weight),
+                                   (layer.base.weight, theirs.base_layer.weight)):
+                diffs.append(float(np.abs(np.asarray(mine[...]) - hf_value.detach().numpy().T).max()))
+    assert len(diffs) == 12 and max(diffs) < 1e-5, diffs
+    ids = random_blocks(2, 9)
+    np.testing.assert_allclose(np.asarray(ours(ids)), np.asarray(base(ids)), atol=1e-5)
