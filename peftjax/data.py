@@ -297,6 +297,35 @@ def verbalizer_rows(records: list[dict], tokenizer, *, seq_len: int, template: s
                       np.asarray(first, np.int32), lengths)
 
 
+
+def encoder_rows(records: list[dict], tokenizer, *, seq_len: int, labels: list[str], text_field: str = "text",
+                 label_field: str = "label") -> RecordData:
+    """Classification rows for an encoder with a classifier head: ``tokens`` are the texts' ids (``[CLS] text
+    [SEP]``, at most ``seq_len``, right-padded), ``loss_mask`` their attention mask, ``label`` the class index."""
+    if len(labels) < 2:
+        raise PeftjaxError(f"data.labels must list at least 2 label values, got {labels}")
+    gold = []
+    for record in records:
+        label = str(_field(record, label_field))
+        if label not in labels:
+            raise PeftjaxError(f"record label {label!r} is not in data.labels {labels}")
+        gold.append(labels.index(label))
+    ids, mask = tokenizer.batch([str(_field(r, text_field)) for r in records], seq_len)
+    return RecordData(ids, mask.astype(np.float32), np.asarray(gold, np.int32), lengths=mask.sum(axis=1))
+
+
+def fold_records(records: list[dict], folds: int, fold: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) of k-fold cross-validation: records ordered by the sha256 of their content (as
+    :func:`split_records`) and dealt into ``folds`` folds; fold ``fold`` is held out."""
+    import json
+
+    if not 2 <= folds <= len(records) or not 0 <= fold < folds:
+        raise PeftjaxError(f"data.folds must be in 2..{len(records)} and data.fold in 0..folds-1, got folds={folds} "
+                           f"fold={fold}")
+    keys = [hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest() for r in records]
+    held = {i for rank, i in enumerate(sorted(range(len(records)), key=lambda i: keys[i])) if rank % folds == fold}
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
 # ------------------------------------------------------------------------------------------- forgetting
 def forgetting_source(setting: str, dataset: str) -> str | None:
     """The general text ``data.forgetting`` names for a run on ``dataset``: ``"auto"`` is Shakespeare, or the

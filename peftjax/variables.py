@@ -34,6 +34,10 @@ class IA3(Adapter):
     """Learned rescaling vectors of IA3."""
 
 
+class Head(Trainable):
+    """A task head every method trains (the classifier on an encoder, HF PEFT's ``modules_to_save``)."""
+
+
 class Tuned(Trainable):
     """A base weight that full or selective fine-tuning trains in place."""
 

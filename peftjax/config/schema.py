@@ -76,6 +76,9 @@ class DataConfig:
     labels: list[str] = dataclasses.field(default_factory=list)  # classify: label values; default for polarity
     label_words: list[str] = dataclasses.field(default_factory=list)  # classify: the word scored for each label
     template: str | None = None  # classify: the prompt, "{text}" filled in; the label word follows it
+    pooling: str | None = None  # classify on an encoder: "mean" (default), "cls" or "pooler" vectors feed the head
+    folds: int = 0  # k-fold cross-validation over the records (sft, classify): k >= 2 replaces eval_docs' split
+    fold: int = 0  # the held-out fold, 0..folds-1
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -367,6 +370,13 @@ def validate(config: RunConfig) -> None:
         (config.data.task != "classify" or config.data.dataset == "polarity" or config.data.labels,
          "data.labels is empty; list the label values of the classification task"),
         (config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
+        (config.data.pooling in (None, "mean", "cls", "pooler"),
+         f"data.pooling must be mean, cls or pooler, got {config.data.pooling!r}"),
+        (config.data.folds == 0 or (config.data.folds >= 2 and 0 <= config.data.fold < config.data.folds),
+         f"data.folds must be 0 (a hashed eval_docs split) or >= 2 with 0 <= data.fold < data.folds, got "
+         f"folds={config.data.folds} fold={config.data.fold}"),
+        (config.data.folds == 0 or config.data.task != "lm",
+         "data.folds splits records (sft, classify); an lm task holds out data.eval_docs documents"),
         (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype must be float32 or bfloat16"),
     ]
     for ok, message in checks:

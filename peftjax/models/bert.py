@@ -22,6 +22,9 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import ACTIVATIONS, Embedding, Linear, sub_key
+from peftjax.variables import Head
+
+POOLINGS = ("mean", "cls", "pooler")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,8 +145,23 @@ class BertPooler(nnx.Module):
         self.dense = Linear(c.hidden_size, c.hidden_size, rngs=rngs, bias=True, dtype=dtype)
 
 
+class ClassifierHead(nnx.Module):
+    """logits = pooled @ W + b over ``num_labels`` classes; its variables are :class:`~peftjax.variables.Head`, so
+    every PEFT method trains it (as HF PEFT's ``modules_to_save`` does for a classifier) and no target rule for
+    linear layers adapts it."""
+
+    def __init__(self, dim: int, num_labels: int, *, key: jax.Array):
+        self.weight = Head(0.02 * jax.random.normal(key, (dim, num_labels), jnp.float32))
+        self.bias = Head(jnp.zeros((num_labels,), jnp.float32))
+
+    def __call__(self, x_BD: jax.Array) -> jax.Array:
+        return (x_BD.astype(jnp.float32) @ self.weight[...] + self.bias[...][None, :]).astype(jnp.float32)
+
+
 class BertModel(nnx.Module):
-    """``model(ids_BT, attention_mask=mask_BT)``: final hidden states (B, T, D) in float32."""
+    """``model(ids_BT, attention_mask=mask_BT)``: final hidden states (B, T, D) in float32. With a classifier
+    attached (:meth:`attach_classifier`) it is a sequence classifier: :meth:`task_loss` is its training objective.
+    """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
@@ -152,9 +170,47 @@ class BertModel(nnx.Module):
         self.pooler = BertPooler(config, rngs=rngs, dtype=dtype) if config.pooler else None
         # Hook for prompt tuning, as in the decoder: (N, D) virtual-token embeddings prepended to the input.
         self.prompt = nnx.data(None)
+        self.classifier = nnx.data(None)
+        self.pooling = "mean"
+
+    @property
+    def embed_tokens(self) -> Embedding:
+        """The word-embedding table (what prompt tuning initialises virtual tokens from, as in the decoder)."""
+        return self.embeddings.word_embeddings
 
     def num_virtual_tokens(self) -> int:
         return 0 if self.prompt is None else self.prompt.num_tokens
+
+    def attach_classifier(self, num_labels: int, *, pooling: str = "mean", seed: int = 0) -> None:
+        """Make this encoder a sequence classifier over ``num_labels`` classes read from ``pooling`` sentence
+        vectors (:meth:`pooled`); the head starts as HF's does (weights N(0, 0.02^2), zero bias)."""
+        if pooling not in POOLINGS:
+            raise PeftjaxError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if pooling == "pooler" and self.pooler is None:
+            raise PeftjaxError("this encoder has no pooler weights; use pooling 'mean' or 'cls'")
+        if num_labels < 2:
+            raise PeftjaxError(f"a classifier needs at least 2 labels, got {num_labels}")
+        self.pooling = pooling
+        self.classifier = ClassifierHead(self.config.hidden_size, num_labels, key=jax.random.key(seed))
+
+    def class_logits(self, ids_BT, attention_mask_BT, *, compute_dtype=jnp.float32, dropout_key=None) -> jax.Array:
+        """(B, num_labels) float32 logits of the attached classifier."""
+        if self.classifier is None:
+            raise PeftjaxError("this encoder has no classifier; call attach_classifier (data.task: classify)")
+        hidden = self(ids_BT, attention_mask=attention_mask_BT, compute_dtype=compute_dtype, dropout_key=dropout_key)
+        return self.classifier(self.pooled(hidden, attention_mask_BT, self.pooling))
+
+    def task_loss(self, batch: dict, *, compute_dtype=jnp.float32, dropout_key=None, remat: bool = False):
+        """(summed cross-entropy of the rows' labels, counted rows, correctly classified rows). ``batch``: token ids
+        ``tokens`` (B, T), their attention mask ``loss_mask`` (B, T), ``label`` (B,) and optionally ``weight`` (B,)
+        (0 for padding rows). ``remat`` has no effect: an encoder's activations are small."""
+        logits = self.class_logits(batch["tokens"], batch["loss_mask"], compute_dtype=compute_dtype,
+                                   dropout_key=dropout_key)
+        weight = batch.get("weight", jnp.ones(logits.shape[:1], jnp.float32)).astype(jnp.float32)
+        label = batch["label"].astype(jnp.int32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), label[:, None], axis=-1)[:, 0]
+        correct = ((jnp.argmax(logits, axis=-1) == label) * weight).sum()
+        return (nll * weight).sum(), weight.sum(), correct
 
     def __call__(self, ids_BT: jax.Array, *, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, compute_dtype=jnp.float32,

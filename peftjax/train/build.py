@@ -19,6 +19,7 @@ from peftjax import peft
 from peftjax.config import POLARITY, RunConfig
 from peftjax.data import RecordData
 from peftjax.errors import PeftjaxError
+from peftjax.models.tokenizer import EncoderTokenizer
 from peftjax.quant.policy import quantize_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -48,9 +49,27 @@ def load_base(config: RunConfig):
 
 
 def build_model(config: RunConfig, base=None):
-    """(model, tokenizer): the base (loaded, and quantized by ``config.quant``, unless given), the method applied."""
+    """(model, tokenizer): the base (loaded, and quantized by ``config.quant``, unless given), the method applied;
+    an encoder first gets its classification head (``data.task: classify``), which every method trains."""
+    from peftjax.models import BertModel
+
     model, tokenizer = base if base is not None else load_base(config)
+    dc = config.data
+    if isinstance(model, BertModel):
+        if dc.task != "classify":
+            raise PeftjaxError(f"model {config.model.name!r} is an encoder; it trains data.task=classify (a "
+                               f"classifier on its sentence vectors), not {dc.task!r}")
+        if config.model.remat:
+            raise PeftjaxError("model.remat recomputes decoder layers; an encoder does not use it: set it false")
+        model.attach_classifier(len(_labels(config)), pooling=dc.pooling or "mean", seed=config.train.seed)
+    elif dc.pooling is not None:
+        raise PeftjaxError(f"data.pooling is for encoders (a classifier head); {config.model.name!r} is a decoder, "
+                           "which classifies by verbalizer: remove data.pooling")
     return peft.apply(model, config.peft), tokenizer
+
+
+def _labels(config: RunConfig) -> list[str]:
+    return config.data.labels or POLARITY["labels"]
 
 
 @dataclasses.dataclass
@@ -62,9 +81,8 @@ class Built:
 
 def build(config: RunConfig, *, with_data: bool = True) -> Built:
     """Model, tokenizer and (unless ``with_data=False``) the task's data for ``config``."""
-    base = load_base(config)
-    data = load_data(config, base[1]) if with_data else None
-    model, tokenizer = build_model(config, base)
+    model, tokenizer = build_model(config, load_base(config))
+    data = load_data(config, tokenizer) if with_data else None
     return Built(model, tokenizer, data)
 
 
@@ -89,6 +107,10 @@ def load_data(config: RunConfig, tokenizer) -> TaskData:
 
     task = _task_data(config, tokenizer)
     source = D.forgetting_source(config.data.forgetting, config.data.dataset)
+    if isinstance(tokenizer, EncoderTokenizer):  # forgetting is a next-token loss, which an encoder has not
+        if config.data.forgetting not in ("auto", "off"):
+            raise PeftjaxError("data.forgetting measures a next-token loss; an encoder has none: set it to off")
+        source = None
     task.info["forgetting_set"] = None
     if source is not None:
         name, blocks = D.forgetting_blocks(source, tokenizer, seq_len=config.data.seq_len,
@@ -120,9 +142,15 @@ def _task_data(config: RunConfig, tokenizer) -> TaskData:
         records = D.polarity_records(D.polarity_path())
     else:
         records = D.load_records(files)
-    train_records, eval_records = D.split_records(records, dc.eval_docs)
+    if dc.folds:
+        train_records, eval_records = D.fold_records(records, dc.folds, dc.fold)
+    else:
+        train_records, eval_records = D.split_records(records, dc.eval_docs)
     eval_records = eval_records[: dc.max_eval_blocks]
-    if dc.task == "sft":
+    if dc.task == "classify" and isinstance(tokenizer, EncoderTokenizer):
+        make = functools.partial(D.encoder_rows, tokenizer=tokenizer, seq_len=dc.seq_len, labels=_labels(config),
+                                 text_field=dc.text_field, label_field=dc.label_field)
+    elif dc.task == "sft":
         make = functools.partial(D.sft_rows, tokenizer=tokenizer, seq_len=dc.seq_len, prompt_field=dc.prompt_field,
                                  response_field=dc.response_field, messages_field=dc.messages_field)
     else:
@@ -130,7 +158,7 @@ def _task_data(config: RunConfig, tokenizer) -> TaskData:
         make = functools.partial(
             D.verbalizer_rows, tokenizer=tokenizer, seq_len=dc.seq_len,
             template=dc.template if dc.template is not None else (POLARITY["template"] if polarity else "{text}"),
-            labels=dc.labels or POLARITY["labels"], label_words=dc.label_words or POLARITY["label_words"],
+            labels=_labels(config), label_words=dc.label_words or POLARITY["label_words"],
             text_field=dc.text_field, label_field=dc.label_field)
     train, evals = make(train_records), make(eval_records)
     return TaskData(train, evals, False, {"train_blocks": len(train), "eval_blocks": len(evals),

@@ -25,7 +25,10 @@ def causal_lm_loss(model, batch, *, compute_dtype=jnp.float32, dropout_key=None,
     """(sum of next-token cross-entropies over counted targets, number of counted targets).
 
     ``batch`` is a (B, T+1) token array (every target counts) or ``{"tokens", "loss_mask"}`` whose (B, T) mask
-    selects the targets (response tokens of SFT, the label word of a verbalizer task)."""
+    selects the targets (response tokens of SFT, the label word of a verbalizer task). A model with its own
+    objective (``task_loss``: an encoder with a classifier) is trained on that instead."""
+    if hasattr(model, "task_loss"):
+        return model.task_loss(batch, compute_dtype=compute_dtype, dropout_key=dropout_key, remat=remat)[:2]
     total, count, _ = _ce(model, batch, compute_dtype=compute_dtype, dropout_key=dropout_key, remat=remat)
     return total, count
 
@@ -123,9 +126,13 @@ def step_memory(compiled) -> dict:
 
 def make_eval_fn(graphdef, compute_dtype=jnp.float32, candidates=None):
     """Jitted eval of one batch dict: summed loss and target count, and for classification the number of rows
-    whose highest-scoring label word (among ``candidates`` token ids, at ``label_pos``) is the gold label."""
+    whose highest-scoring label word (among ``candidates`` token ids, at ``label_pos``) is the gold label (or, for a
+    model with its own ``task_loss``, whose predicted class is)."""
     def fn(trainable, frozen, batch):
         model = partition.merge(graphdef, trainable, frozen)
+        if hasattr(model, "task_loss"):
+            total, count, correct = model.task_loss(batch, compute_dtype=compute_dtype)
+            return {"loss_sum": total, "count": count, "correct": correct}
         total, count, h = _ce(model, batch, compute_dtype=compute_dtype)
         out = {"loss_sum": total, "count": count}
         if candidates is not None:  # scores of the label words at the position before the label
