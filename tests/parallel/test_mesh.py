@@ -129,8 +129,8 @@ def test_two_processes_of_4_devices_train_as_one_process_of_8(table, tmp_path):
     write collectively restores onto this process's one device (its leaves' sha256 checked: bitwise)."""
     config = tiny_config(write_texts(tmp_path / "texts"), None)
     (tmp_path / "c.yaml").write_text(json.dumps({**config, "name": "two"}))  # JSON is YAML
-    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(tmp_path / "c.yaml"), *ON_MESH, "--no-progress",
-           "--out", str(tmp_path / "two")]
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(tmp_path / "c.yaml"), "--mesh", "data=2,fsdp=4",
+           "--no-progress", "--out", str(tmp_path / "two")]
     port = _free_port()
     _wait([_spawn(cmd, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                             JAX_PROCESS_ID=str(i))) for i in range(2)])
@@ -149,7 +149,14 @@ def test_two_processes_of_4_devices_train_as_one_process_of_8(table, tmp_path):
     assert all(x.shape == y.shape for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(trainable)))
 
 
-def test_mesh_settings_are_checked_in_one_line():
+def test_mesh_settings_are_checked_in_one_line(tmp_path, capsys):
+    from peftjax.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs" / "quickstart.yaml"), "--set", "model.name=tiny", "--mesh", "fsdp=2",
+                 "--out", str(out)]) == 2
+    assert "mesh fsdp=2 x tensor=1 does not divide the 1 devices" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
     with pytest.raises(PeftjaxError, match=r"mesh data=2 x fsdp=4 x tensor=1 = 8 devices, but 1 are in use"):
         make_mesh({"data": 2, "fsdp": 4})
     with pytest.raises(PeftjaxError, match="--mesh expects axis=size pairs of data, fsdp, tensor"):
