@@ -219,6 +219,18 @@ def _gguf(content: bytes):
     return setup
 
 
+def _hf_dir(**edit):
+    """A Hugging Face model directory ``hf/`` whose config.json (a tiny Qwen3's keys) has ``edit`` applied; no
+    weights: every case below is refused while the config is read, before any tensor."""
+    def setup(w: Work):
+        cfg = {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "max_position_embeddings": 256, **edit}
+        (w.tmp / "hf").mkdir()
+        (w.tmp / "hf" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return setup
+
+
 def _adapter(config: dict | str | None, truncate: bool = False):
     """An HF PEFT adapter directory ``bad/`` for the tiny model (q_proj, v_proj, r=4), with ``config`` written
     over its adapter_config.json and, with ``truncate``, its weights cut in half."""
@@ -441,6 +453,22 @@ CASES = [
          setup=_local_asset(keep_archive=False), env=(("PEFTJAX_CACHE", "{tmp}/cache"),),
          absent=("cache/catalogue-local/.complete",)),
     Case("unknown-asset", "assets", "fetch of an unknown asset", 2, "known assets:", ("fetch", "llama")),
+    # models
+    Case("model-type-unknown", "models", "a Hugging Face directory of a family peftjax does not implement", 2,
+         "model_type 'falcon' ['FalconForCausalLM'] is not supported; peftjax loads llama, mistral",
+         ("train", "{config}", "--out", "{run}", "--set", "model.name={tmp}/hf"),
+         setup=_hf_dir(model_type="falcon", architectures=["FalconForCausalLM"]), absent=("run",)),
+    Case("rope-type-unknown", "models", "a RoPE scaling type peftjax does not implement (never ignored)", 2,
+         "RoPE scaling type 'longrope' is not supported", ("memory", "--model", "{tmp}/hf"),
+         setup=_hf_dir(rope_scaling={"rope_type": "longrope", "factor": 4.0})),
+    Case("config-key-missing", "models", "a config.json without a key the architecture needs", 2,
+         "lacks 'hidden_size'", ("memory", "--model", "{tmp}/hf"), setup=_hf_dir(hidden_size=None)),
+    Case("attention-dropout", "models", "a config.json with attention dropout (not applied: would be ignored)", 2,
+         "attention_dropout 0.1 is not supported", ("memory", "--model", "{tmp}/hf"),
+         setup=_hf_dir(attention_dropout=0.1)),
+    Case("pooling-on-decoder", "models", "data.pooling (an encoder's classifier) on a decoder", 2,
+         "data.pooling is for encoders", ("train", "{config}", "--out", "{run}", "--set", "data.pooling=cls"),
+         absent=("run",)),
     Case("gguf-bad-magic", "assets", "a .gguf model file that is not GGUF", 2, "model.gguf",
          ("train", "{config}", "--out", "{run}", "--set", "model.name={tmp}/model.gguf"),
          setup=_gguf(b"NOPE" + bytes(64)), absent=("run",)),
