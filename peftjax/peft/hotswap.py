@@ -25,7 +25,7 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
-from peftjax.peft.lora import LoRALinear, lora_delta, lora_weight
+from peftjax.peft.lora import LoRAB, LoRALinear, lora_delta, lora_weight
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.rules import path_str, set_at_path
 from peftjax.surgery import check_rank, replace_matching
@@ -44,7 +44,7 @@ class HotswapLoRALinear(AdapterLinear):
     def __init__(self, base: Linear, max_rank: int):
         super().__init__(base)
         self.lora_a = LoRA(jnp.zeros((base.d_in, max_rank), jnp.float32))
-        self.lora_b = LoRA(jnp.zeros((max_rank, base.d_out), jnp.float32))
+        self.lora_b = LoRAB(jnp.zeros((max_rank, base.d_out), jnp.float32))
         self.scale = LoRAScale(jnp.zeros((), jnp.float32))
 
     @property

@@ -23,6 +23,11 @@ quantized merge that deployment will run, with a straight-through gradient, so t
 merged into a quantized base (see :func:`peftjax.peft.merge.merge`, which dequantizes, adds and requantizes).
 QAT + DoRA fake-quantizes DoRA's merged weight m * V / ||V||.
 
+Optimizer-side variants: B is a variable type of its own (:class:`LoRAB`, a :class:`LoRA`), so LoRA+ (Hayou et al.
+2024: B's learning rate lambda times A's, lambda ~ 16) is ``train.group_learning_rates: {lorab: lambda * lr}`` (a rate
+for ``lora`` alone applies to both); LoRA-FA (Zhang et al. 2023, ``freeze_a=True``) keeps A at its random init as a
+frozen variable (:class:`FrozenLoRAA`), so only B is trained and A needs no gradient or optimizer state.
+
 Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only when the call is given a
 key (``layer(x, key)``; the model threads ``dropout_key`` down to every layer, each folding in its own index);
 without a key the forward is deterministic (evaluation, generation).
@@ -70,10 +75,19 @@ class LoRAConfig:
     loftq_iters: int = 1
     qat_format: str | None = None  # train against fake_quant(W + s A B) in this format (quantization-aware LoRA)
     qat_block_size: int = 64
+    freeze_a: bool = False  # LoRA-FA: A stays at its init, only B trains
     seed: int = 0
 
     def __post_init__(self):
         check_lora_config(self)
+
+
+class LoRAB(LoRA):
+    """LoRA's B factor (its own optimizer group ``lorab`` for LoRA+; otherwise trained as ``lora``)."""
+
+
+class FrozenLoRAA(nnx.Variable):
+    """LoRA-FA's A: not :class:`peftjax.variables.Trainable`, so it lands in the frozen tree."""
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
@@ -202,7 +216,7 @@ class LoRALinear(AdapterLinear):
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool, key: jax.Array,
                  init: str = "default", dropout: float = 0.0, qat: tuple[str, int] | None = None,
-                 variant: LoRAVariant | str = "lora", index: int = 0):
+                 variant: LoRAVariant | str = "lora", index: int = 0, freeze_a: bool = False):
         super().__init__(base)
         self.variant = VARIANTS[variant] if isinstance(variant, str) else variant
         self.qat = qat
@@ -211,8 +225,8 @@ class LoRALinear(AdapterLinear):
         self.index = index  # this layer's dropout stream: fold_in(step key, index)
         self.scale = lora_scale(rank, alpha, rslora)
         a = INITS["gaussian" if init == "gaussian" else "default"](key, base.d_in, rank)
-        self.lora_a = LoRA(a)
-        self.lora_b = LoRA(jnp.zeros((rank, base.d_out), jnp.float32))
+        self.lora_a = FrozenLoRAA(a) if freeze_a else LoRA(a)
+        self.lora_b = LoRAB(jnp.zeros((rank, base.d_out), jnp.float32))
         self.variant.setup(self)
 
     @property
@@ -358,7 +372,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
         check_rank(rank, base, path, what="LoRA")
         layer = LoRALinear(base, rank=rank, alpha=alpha, rslora=config.rslora, key=next(keys), init=config.init,
                            dropout=config.dropout, qat=qat, variant="dora" if config.dora else "lora",
-                           index=len(made))
+                           index=len(made), freeze_a=config.freeze_a)
         if config.init in FROM_WEIGHTS:
             FROM_WEIGHTS[config.init](layer, config)
         made.append(layer)

@@ -21,7 +21,7 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.arithmetic import DELTAWISE, METHODS, combine_layer, elects_sign, is_dare, prunes
-from peftjax.peft.lora import LoRAConfig, LoRALinear, lora_delta, lora_weight
+from peftjax.peft.lora import LoRAB, LoRAConfig, LoRALinear, lora_delta, lora_weight
 from peftjax.variables import LoRA
 from peftjax.peft.wrapper import AdapterLinear
 from peftjax.rules import as_patterns, match_rules, path_str, set_at_path
@@ -32,7 +32,7 @@ class LoRAFactors(nnx.Module):
     """One named adapter of a :class:`MultiLoRALinear`: A (d_in, r), B (r, d_out) and the scale s."""
 
     def __init__(self, a_DR: jax.Array, b_RO: jax.Array, scale: float):
-        self.lora_a, self.lora_b, self.scale = LoRA(a_DR), LoRA(b_RO), scale
+        self.lora_a, self.lora_b, self.scale = LoRA(a_DR), LoRAB(b_RO), scale
 
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)
@@ -91,6 +91,9 @@ def _multi_layers(model: nnx.Module) -> dict[str, MultiLoRALinear]:
 
 def _to_multi(model: nnx.Module) -> None:
     for p, m in list(nnx.iter_modules(model)):
+        if type(m) is LoRALinear and not isinstance(m.lora_a, LoRA):
+            raise PeftjaxError(f"{path_str(p)} is LoRA-FA (freeze_a): named adapters train A; apply LoRA without "
+                               "freeze_a to add adapters")
         if type(m) is LoRALinear and not m.dora and m.qat is None:
             set_at_path(model, path_str(p), MultiLoRALinear(
                 m.base, {"default": LoRAFactors(m.lora_a[...], m.lora_b[...], m.scale)}, "default"))

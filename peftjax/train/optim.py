@@ -6,16 +6,24 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.variables import trainable_groups
+from peftjax.variables import Trainable, trainable_groups
 
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_groups(params):
-    """The optimizer group of every trainable leaf: its variable type in lower case (``lora``, ``prompt``, ...)."""
-    return jax.tree.map(lambda v: jax.tree.map(lambda _: type(v).__name__.lower(), v), params, is_leaf=_is_variable)
+def param_groups(params, named=()):
+    """The optimizer group of every trainable leaf: its method's variable type in lower case (``lora``, ``prompt``,
+    ``tuned``, ...: the type just below the generic Adapter / Trainable), or the nearest of its types that ``named``
+    lists, so a finer type gets a rate of its own only when asked (LoRA's B, type ``lorab``, is in ``lora`` unless
+    ``lorab`` has a rate: LoRA+)."""
+    def group(v):
+        names = [c.__name__.lower() for c in type(v).__mro__ if issubclass(c, Trainable)]
+        specific = [n for n in names if n not in ("adapter", "trainable")] or names
+        return next((n for n in names if n in named), specific[-1])
+
+    return jax.tree.map(lambda v: jax.tree.map(lambda _: group(v), v), params, is_leaf=_is_variable)
 
 
 def decay_mask(params):
@@ -43,7 +51,8 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
     if tc.group_learning_rates:
         parts.append(optax.partition({g: adamw(tc.group_learning_rates.get(g, tc.learning_rate))
-                                      for g in trainable_groups()}, param_groups))
+                                      for g in trainable_groups()},
+                                     lambda params: param_groups(params, tc.group_learning_rates)))
     else:
         parts.append(adamw(tc.learning_rate))
     return optax.chain(*parts)

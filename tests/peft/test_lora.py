@@ -11,7 +11,7 @@ from peftjax.peft import LoRAConfig, LoRALinear
 from peftjax.variables import LoRA
 from peftjax.train import lm_loss
 from peftjax.data import random_blocks
-from peftjax.models import tiny_model
+from peftjax.models import Linear, tiny_model
 
 
 def test_lora_closed_form():
@@ -88,7 +88,7 @@ def test_rank_larger_than_layer_allows():
 
 
 def test_unknown_method_lists_registered():
-    with pytest.raises(PeftjaxError, match="registered methods: full, ia3, loha, lora, prefix, prompt, selective, vera"):
+    with pytest.raises(PeftjaxError, match="registered methods: full, ia3, loha, lokr, lora, oft, prefix, prompt, selective, vera"):
         peft.get_method("lorax")
 
 
@@ -125,3 +125,48 @@ def test_olora_init_equals_hf_peft(tmp_path):
     assert len(diffs) == 12 and max(diffs) < 1e-5, diffs
     ids = random_blocks(2, 9)
     np.testing.assert_allclose(np.asarray(ours(ids)), np.asarray(base(ids)), atol=1e-5)
+
+
+def test_lora_plus_gives_b_its_own_learning_rate():
+    """LoRA+ (B's rate lambda times A's): Adam's first update is linear in the rate, so with
+    group_learning_rates {lorab: 16 lr} B moves exactly 16x as far as with lr alone, and A as with lr."""
+    from peftjax.config.schema import TrainConfig
+    from peftjax.train import make_optimizer
+
+    model = peft.apply(tiny_model(), LoRAConfig(rank=2, targets="q_proj"))
+    _, trainable, _ = partition.split(model)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), trainable)
+
+    def first_update(groups):
+        tc = TrainConfig(learning_rate=1e-3, schedule="constant", grad_clip=None, group_learning_rates=groups)
+        opt = make_optimizer(tc)
+        updates, _ = opt.update(grads, opt.init(trainable), trainable)
+        layer = updates["layers"][0]["self_attn"]["q_proj"]
+        return np.asarray(layer["lora_a"][...]), np.asarray(layer["lora_b"][...])
+
+    a_plain, b_plain = first_update({"lora": 1e-3})
+    a_plus, b_plus = first_update({"lorab": 16e-3})
+    np.testing.assert_allclose(a_plus, a_plain, rtol=1e-6)
+    np.testing.assert_allclose(b_plus, 16 * b_plain, rtol=1e-6)
+    assert float(np.abs(b_plain).max()) > 0
+
+
+def test_lora_fa_freezes_a_and_trains_from_yaml(tiny_args, tmp_path, play_files):
+    import json
+
+    from peftjax.cli import main
+
+    model = peft.apply(tiny_model(), LoRAConfig(rank=2, targets="q_proj", freeze_a=True))
+    _, trainable, frozen = partition.split(model)
+    layer = lambda tree: tree["layers"][0]["self_attn"]["q_proj"]  # noqa: E731
+    assert "lora_a" not in layer(trainable) and "lora_a" in layer(frozen) and "lora_b" in layer(trainable)
+    config = tmp_path / "fa.yaml"
+    config.write_text("name: lora-fa\npeft: {method: lora, rank: 2, freeze_a: true}\n"
+                      "train: {steps: 3, learning_rate: 0.01}\n"
+                      f"data: {{dataset: files, eval_docs: 1, files: [{', '.join(map(str, play_files))}]}}\n")
+    out = tmp_path / "run"
+    assert main(["train", str(config), *tiny_args, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    b_only = sum(lin.d_out * 2 for lin in peft.modules_of_type(tiny_model(), Linear).values())  # B: (2, d_out)
+    assert summary["trainable_params"] == b_only
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]

@@ -12,7 +12,8 @@ from peftjax.cli import main
 from peftjax.studies.report import generated_markers
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-TABLES = {"bits_ablation": "bits", "lora_vs_qlora": "lora-vs-qlora", "methods": "methods", "rank_ablation": "rank"}
+TABLES = {"bits_ablation": "bits", "forgetting": "methods", "lora_vs_qlora": "lora-vs-qlora", "methods": "methods",
+          "rank_ablation": "rank"}
 # README tables that are still pasted console output, with no raw results committed to generate them from: they are
 # to be re-recorded by a run that writes its raw results (issue 18).
 PASTED = {"bench_vs_peer", "memory", "quant_report", "quickstart"}
