@@ -44,9 +44,11 @@ class Interval:
         return Interval(self.mean * factor, None if self.half is None else self.half * factor, self.n)
 
     def format(self, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
-        """``"3.512 ± 0.021"``; a single value, or values that agree exactly, is its mean alone."""
+        """``"3.512 ± 0.021"``; a single value, or values that agree to the printed digits, is its mean alone.
+        The half-width drops a sign flag of ``fmt`` (``"{:+.3f}"`` prints ``"+0.120 ± 0.013"``)."""
         text = fmt.format(self.mean / scale)
-        return text if not self.half else f"{text} ± {fmt.format(self.half / scale)}"
+        half = fmt.replace("+", "").format((self.half or 0.0) / scale)
+        return text if half == fmt.replace("+", "").format(0.0) else f"{text} ± {half}"
 
 
 def interval(values) -> Interval:

@@ -20,6 +20,8 @@ def test_interval_of_three_seeds():
     assert iv.format("{:.2f}") == "2.00 ± 2.48"
     one = interval([3.5])
     assert one.half is None and one.format() == "3.500"
+    assert Interval(-0.733, 0.0131, 3).format("{:+.3f}") == "-0.733 ± 0.013"
+    assert Interval(23.601, 4e-7, 3).format() == "23.601"  # agree to the printed digits
 
 
 def test_resolved_only_when_the_intervals_are_disjoint():
