@@ -100,10 +100,12 @@ def input_hashes(config) -> dict[str, str]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as a user types it: the program (``python -m peftjax.cli`` or the ``peftjax`` script) is
-    written ``peftjax``, the arguments as given."""
+    """The command as a user types it: peftjax's command line (``python -m peftjax.cli`` or the ``peftjax``
+    script) is written ``peftjax``, a script ``python SCRIPT`` as it was given; then the arguments as given."""
     argv = list(sys.argv if argv is None else argv)
-    return shlex.join(["peftjax", *argv[1:]])
+    program = Path(argv[0]) if argv else Path("peftjax")
+    peftjax = program.name == "peftjax" or program.parts[-2:] == ("peftjax", "cli.py")
+    return shlex.join((["peftjax"] if peftjax else ["python", str(program)]) + argv[1:])
 
 
 def provenance(config, argv: list[str] | None = None) -> dict:

@@ -24,6 +24,8 @@ def test_git_state_commit_and_dirty_flag(tmp_path):
 def test_command_line_names_the_program_peftjax():
     argv = ["/some/where/peftjax/cli.py", "train", "my config.yaml", "--set", "peft.rank=8"]
     assert command_line(argv) == "peftjax train 'my config.yaml' --set peft.rank=8"
+    assert command_line(["/venv/bin/peftjax", "sweep", "s.yaml"]) == "peftjax sweep s.yaml"
+    assert command_line(["experiments/x/run.py", "--table"]) == "python experiments/x/run.py --table"
 
 
 def test_input_hashes_of_local_files_and_pinned_assets(tmp_path):
