@@ -56,10 +56,24 @@ def train_on_mesh(config_dict: dict, mesh) -> dict:
         trainable, opt_state, metrics = placed.step(trainable, opt_state, placed.frozen, batch, None)
         losses.append(float(metrics["loss"]))
     split, whole = split_bytes(placed.frozen)
-    return {"losses": losses, "blocks_aligned": blocks_aligned(placed.frozen),
+    specs = {_key(path): str(x.sharding.spec) for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    moments = [(_key(path), str(x.sharding.spec)) for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
+    return {"losses": losses, "blocks_aligned": blocks_aligned(placed.frozen), "trainable_specs": specs,
+            "optimizer_like_params": _like_params(moments, specs),
             "trainable": [np.asarray(x) for x in jax.tree.leaves(trainable)], "frozen_bytes": split + whole,
             "frozen_bytes_per_device": sharding.per_device_nbytes(placed.frozen), "split_bytes": split,
             "whole_bytes": whole}
+
+
+def _like_params(moments: list[tuple[str, str]], specs: dict[str, str]) -> bool:
+    """Whether AdamW's two moments of every parameter (optimizer-state leaves whose path ends in the parameter's)
+    have the parameter's PartitionSpec."""
+    pairs = [(spec, specs[k]) for path, spec in moments for k in specs if path.endswith("/" + k)]
+    return len(pairs) == 2 * len(specs) and all(a == b for a, b in pairs)
+
+
+def _key(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def split_bytes(frozen) -> tuple[int, int]:
@@ -117,7 +131,8 @@ def equality_table(files: list[str], layouts: dict = LAYOUTS, methods: dict = ME
                 "losses": got["losses"], "reference_losses": ref["losses"],
                 "frozen_bytes": got["frozen_bytes"], "frozen_bytes_per_device": got["frozen_bytes_per_device"],
                 "split_bytes": got["split_bytes"], "whole_bytes": got["whole_bytes"],
-                "blocks_aligned": got["blocks_aligned"],
+                "blocks_aligned": got["blocks_aligned"], "trainable_specs": got["trainable_specs"],
+                "optimizer_like_params": got["optimizer_like_params"],
                 "model_shards": axes.get("fsdp", 1) * axes.get("tensor", 1)})
     return rows
 

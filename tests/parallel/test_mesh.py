@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -40,26 +42,37 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _wait(procs: list[subprocess.Popen]) -> list[str]:
-    """Outputs of ``procs``; on a timeout every process group is killed and the test fails."""
-    outs = []
+    """The outputs of ``procs``, all of which must succeed. When one fails (the others of a multi-process run would
+    wait for it) or ``TIMEOUT`` passes, every process group is killed and the test fails."""
+    deadline = time.monotonic() + TIMEOUT
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a subprocess ran past {TIMEOUT} s")
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, \
+                f"a subprocess failed or ran past {TIMEOUT} s:\n{_output(failed[0])[-3000:] if failed else ''}"
+            time.sleep(0.5)
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return outs
+    for p in procs:
+        assert p.returncode == 0, _output(p)[-3000:]
+    return [_output(p) for p in procs]
+
+
+def _output(p: subprocess.Popen) -> str:
+    p.log.seek(0)
+    return p.log.read()
 
 
 def _spawn(cmd: list[str], env: dict, cwd=None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """``cmd`` in its own process group, its output in a temporary file (a pipe nobody reads could fill up)."""
+    log = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    p.log = log
+    return p
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +89,24 @@ def test_every_layout_trains_as_one_device(table):
         assert r["max_loss_diff"] <= TOL, format_table([r])
         assert r["max_param_diff"] <= TOL, format_table([r])
         assert r["blocks_aligned"], r  # a QArray's codes and scales split at the same block boundaries
+
+
+# the mesh axis of each linear layer's input and output (hidden -> fsdp, heads and mlp -> tensor)
+INPUT = {"q_proj": "fsdp", "k_proj": "fsdp", "v_proj": "fsdp", "gate_proj": "fsdp", "up_proj": "fsdp",
+         "o_proj": "tensor", "down_proj": "tensor"}
+OUTPUT = {"q_proj": "tensor", "k_proj": "tensor", "v_proj": "tensor", "gate_proj": "tensor", "up_proj": "tensor",
+          "o_proj": "fsdp", "down_proj": "fsdp"}
+
+
+def test_adapters_are_laid_out_like_their_kernels_and_moments_like_their_parameters(table):
+    for r in table:
+        specs = r["trainable_specs"]
+        assert len(specs) == 2 * len(INPUT)
+        for path, spec in specs.items():
+            layer, matrix = path.split("/")[-3:-1]
+            want = f"P('{INPUT[layer]}', None)" if matrix == "lora_a" else f"P(None, '{OUTPUT[layer]}')"
+            assert spec == want, (r["layout"], path)
+        assert r["optimizer_like_params"], r["layout"]
 
 
 def test_frozen_bytes_per_device_are_split_over_model_shards_plus_whole_leaves(table):
