@@ -135,7 +135,8 @@ def test_quickstart_on_8_devices_gives_the_one_device_summary(tmp_path):
     proc = _spawn(cmd, _env(8), cwd=ROOT)
     data = load_dict(ROOT / "configs" / "quickstart.yaml")
     data.pop("sweep")
-    one = run(from_dict(data, QUICKSTART[2::2]), tmp_path / "one", progress=False)  # meanwhile, one device here
+    config = from_dict(data, QUICKSTART[2::2])
+    one = run(config, tmp_path / "one", progress=False)  # meanwhile, the same on this process's one device
     (out,) = _wait([proc])
     assert "does not split over mesh data x fsdp = 8 devices" in out
     eight = json.loads((tmp_path / "eight" / "summary.json").read_text())
@@ -146,6 +147,21 @@ def test_quickstart_on_8_devices_gives_the_one_device_summary(tmp_path):
         assert abs(eight[key] - one[key]) <= TOL, key
     assert eight["frozen_bytes"] == one["frozen_bytes"] == one["frozen_bytes_per_device"]
     assert eight["frozen_bytes_per_device"] < one["frozen_bytes"] / 3.9  # split 4 ways (fsdp), norms whole
+    # the 8-device checkpoint restores onto this one device (sha256 of every leaf checked) as the one-device run's
+    _, template, _ = partition.split(build(config, with_data=False).model)
+    restored = [_restore(tmp_path / name / "checkpoints", template, config) for name in ("eight", "one")]
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(*map(jax.tree.leaves, restored), strict=True)) <= TOL
+
+
+def _restore(directory: Path, template, config):
+    ckpt = Checkpointer(directory)
+    try:
+        trainable, _, meta = ckpt.restore(template, config=config)
+    finally:
+        ckpt.close()
+    assert meta["step"] == config.train.steps
+    return trainable
 
 
 def _free_port() -> int:
@@ -172,12 +188,9 @@ def test_two_processes_of_4_devices_train_as_one_process_of_8(table, tmp_path):
     assert summary["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1, "processes": 2}
     assert summary["frozen_bytes_per_device"] == row["frozen_bytes_per_device"]
     run_config = from_dict(config)
-    _, trainable, _ = partition.split(build(run_config, with_data=False).model)
-    ckpt = Checkpointer(tmp_path / "two" / "checkpoints")
-    restored, _, meta = ckpt.restore(trainable, config=run_config)
-    ckpt.close()
-    assert meta["step"] == run_config.train.steps
-    assert all(x.shape == y.shape for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(trainable)))
+    _, template, _ = partition.split(build(run_config, with_data=False).model)
+    restored = _restore(tmp_path / "two" / "checkpoints", template, run_config)
+    assert all(x.shape == y.shape for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(template)))
 
 
 def test_mesh_settings_are_checked_in_one_line(tmp_path, capsys):
