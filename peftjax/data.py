@@ -353,6 +353,9 @@ def forgetting_blocks(source: str, tokenizer, *, seq_len: int, max_blocks: int) 
     elif source == "polarity":
         name, text = "polarity sentences", "\n".join(r["text"] for r in polarity_records(polarity_path()))
     else:
+        if not Path(source).exists():
+            raise PeftjaxError(f"data.forgetting file {source} not found; give a .txt file of general text, or set "
+                               "data.forgetting=off")
         check_text_files([Path(source)])
         name, text = Path(source).name, Path(source).read_text()
     chars = 32 * max_blocks * (seq_len + 1)  # ample: a token is at least one character

@@ -343,6 +343,12 @@ CASES = [
          setup=_records(b""), absent=("run",)),
     Case("data-missing", "data", "a data file that does not exist", 2, "not found (data.files)",
          ("train", "{config}", "--out", "{run}", "--set", "data.files=[{tmp}/nope.txt]"), absent=("run",)),
+    Case("forgetting-unknown", "data", "a data.forgetting that names no general text", 2,
+         "data.forgetting must be one of auto, shakespeare, polarity, off or a .txt file",
+         ("train", "{config}", "--out", "{run}", "--set", "data.forgetting=novel"), absent=("run",)),
+    Case("forgetting-missing", "data", "a data.forgetting file that does not exist", 2,
+         "data.forgetting file", ("train", "{config}", "--out", "{run}", "--set", "data.forgetting={tmp}/nope.txt"),
+         absent=("run",)),
     # runs
     Case("run-exists", "runs", "--out holds a run, neither --resume nor --overwrite", 2,
          "already exists and is not empty; pass --resume", ("train", "{finished_config}", "--out", "{run}"),
