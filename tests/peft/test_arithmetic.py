@@ -73,8 +73,9 @@ def _recorded_masks(hf, calls, names, method):
     return masks
 
 
+# the other _svd forms compose the same merges (checked factor-wise here) with the same truncation
 CASES = ([(m, ("default", "two"), (0.7, -1.3)) for m in FACTORWISE]
-         + [(m, ("default", "two", "three"), (0.7, -1.3, 0.5)) for m in ("cat",) + DELTAWISE])
+         + [(m, ("default", "two", "three"), (0.7, -1.3, 0.5)) for m in ("cat", "svd", "dare_ties_svd")])
 
 
 @pytest.mark.parametrize("method,names,weights", CASES, ids=[c[0] for c in CASES])
@@ -87,10 +88,10 @@ def test_combination_equals_hf_peft_add_weighted_adapter(pair, monkeypatch, meth
     draw = torch.bernoulli
     monkeypatch.setattr(torch, "bernoulli", lambda p: calls.append(draw(p)) or calls[-1])
     hf.add_weighted_adapter(list(names), list(weights), new, combination_type=method,
-                            **kw, **({"majority_sign_method": "frequency"} if method == "ties_svd" else {}))
+                            **kw, **({"majority_sign_method": "frequency"} if method == "dare_ties_svd" else {}))
     if method.startswith("dare"):
         kw["masks"] = _recorded_masks(hf, calls, names, method)
-    if method == "ties_svd":
+    if method == "dare_ties_svd":
         kw["majority_sign"] = "frequency"
     combined = peft.combine_adapters(ours, names, weights, new, method=method, **kw)
 
