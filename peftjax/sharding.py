@@ -266,8 +266,10 @@ def put(tree, shardings):
     def one(x, s):
         if jax.process_count() == 1:
             return jax.device_put(x, s)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a key: its integer data, wrapped again
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), s)  # across processes jax places host values, not device arrays
+
     return jax.tree.map(one, tree, shardings)
 
 
