@@ -21,7 +21,7 @@ from peftjax.peft.prefix import PrefixConfig, PrefixKV, fold_prefix  # noqa: E40
 from peftjax.peft.prompt import PromptConfig, PromptEmbedding  # noqa: E402
 from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, combine_adapters,  # noqa: E402
                                 mixed_adapters, set_adapter)
-from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_model  # noqa: E402
+from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_adapters, save_hf_model  # noqa: E402
 from peftjax.peft.hotswap import HotswapLoRALinear, hotswap, prepare_hotswap  # noqa: E402
 # methods written against the public names above only (the extension API's worked examples)
 from peftjax.peft import vera, loha, lokr, oft  # noqa: E402,F401
@@ -33,5 +33,5 @@ __all__ = ["Adapter", "AdapterLinear", "AdapterModule", "DoRA", "FullConfig", "H
            "config_fields", "count_parameters", "disable_adapters", "fold_prefix", "get_method", "hotswap",
            "load_hf_adapter", "lora_delta", "make_config", "merge", "merge_and_unload", "method_for_config",
            "mixed_adapters", "modules_of_type", "prepare_hotswap", "register_method", "registered_methods",
-           "replace_matching", "requantize_like", "save_hf_adapter", "save_hf_model", "set_adapter", "summary",
-           "unmerge"]
+           "replace_matching", "requantize_like", "save_hf_adapter", "save_hf_adapters", "save_hf_model", "set_adapter",
+           "summary", "unmerge"]

@@ -20,8 +20,9 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.families import hf_config_dict  # the merged export writes the family's config.json
-from peftjax.peft.hf_format import PREFIX, HFTensors, hf_name
-from peftjax.peft.lora import LoRALinear
+from peftjax.peft.hf_format import PREFIX, HFTensors, adapter_modules, check_unmerged, hf_name
+from peftjax.peft.lora import LoRALinear, hf_lora_payload
+from peftjax.peft.multi import MultiLoRALinear, adapter_names
 from peftjax.peft.registry import hf_formats
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -73,15 +74,39 @@ def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
 
 def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
     """Write ``model``'s adapter as an HF PEFT adapter directory (atomically: all or nothing)."""
-    from safetensors.numpy import save_file
-
     written = {kind: out for kind, fmt in hf_formats().items() if (out := fmt.write(model)) is not None}
     if not written:
+        hint = "; a model with named adapters: save_hf_adapters" if adapter_names(model) else ""
         raise PeftjaxError(f"the model has no adapters to save; HF PEFT export supports "
-                           f"{', '.join(sorted(hf_formats()))}")
+                           f"{', '.join(sorted(hf_formats()))}{hint}")
     if len(written) > 1:
         raise PeftjaxError(f"HF PEFT stores one adapter type per directory; this model has {', '.join(written)}")
     (kind, (fields, tensors)), = written.items()
+    return _write_adapter(Path(directory), kind, fields, tensors, base_model)
+
+
+def save_hf_adapters(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
+    """Write each named adapter of a multi-adapter model (``add_adapter``) as its own HF PEFT LoRA directory,
+    ``directory/<name>`` (load them in HF PEFT with ``PeftModel.from_pretrained`` and ``load_adapter``)."""
+    names = adapter_names(model)
+    if not names:
+        raise PeftjaxError("the model has no named adapters; save_hf_adapter writes a single adapter")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise PeftjaxError(f"{directory} exists and is not an empty directory; choose a new output directory")
+    layers = adapter_modules(model, MultiLoRALinear)
+    check_unmerged(layers)
+    for name in names:
+        entries = {p: (f.lora_a[...], f.lora_b[...], f.lora_a.shape[1], f.scale * f.lora_a.shape[1], None)
+                   for p, m in layers.items() if (f := m.adapters.get(name)) is not None}
+        fields, tensors = hf_lora_payload(entries, rslora=False, dora=False)  # alpha = s r: HF's scale alpha / r
+        _write_adapter(directory / name, "LORA", fields, tensors, base_model)
+    return directory
+
+
+def _write_adapter(directory: Path, kind: str, fields: dict, tensors: dict, base_model: str) -> Path:
+    from safetensors.numpy import save_file
+
     tensors = {hf_name(k): np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     config = {"peft_type": kind, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, **fields,
               "inference_mode": True, "modules_to_save": None}

@@ -432,17 +432,23 @@ def write_hf_lora(model: nnx.Module):
     check_unmerged(layers)
     if len({layer.dora for layer in layers.values()}) > 1 or len({layer.rslora for layer in layers.values()}) > 1:
         raise PeftjaxError("HF PEFT stores one adapter type and one scaling rule per adapter; this model mixes them")
-    rank, rank_pattern = _uniform({p: layer.rank for p, layer in layers.items()})
-    alpha, alpha_pattern = _uniform({p: layer.alpha for p, layer in layers.items()})
-    tensors = {}
-    for path, layer in layers.items():
-        tensors[f"{path}.lora_A.weight"] = np.asarray(layer.lora_a[...]).T
-        tensors[f"{path}.lora_B.weight"] = np.asarray(layer.lora_b[...]).T
-        if layer.dora:
-            tensors[f"{path}.lora_magnitude_vector"] = np.asarray(layer.magnitude[...])
     first = next(iter(layers.values()))
+    return hf_lora_payload({p: (m.lora_a[...], m.lora_b[...], m.rank, m.alpha, m.magnitude[...] if m.dora else None)
+                            for p, m in layers.items()}, rslora=first.rslora, dora=first.dora)
+
+
+def hf_lora_payload(layers: dict, *, rslora: bool, dora: bool):
+    """(adapter_config fields, tensors) of HF PEFT LoRA from {path: (A, B, rank, alpha, DoRA magnitude or None)}."""
+    rank, rank_pattern = _uniform({p: v[2] for p, v in layers.items()})
+    alpha, alpha_pattern = _uniform({p: v[3] for p, v in layers.items()})
+    tensors = {}
+    for path, (a, b, _, _, magnitude) in layers.items():
+        tensors[f"{path}.lora_A.weight"] = np.asarray(a).T
+        tensors[f"{path}.lora_B.weight"] = np.asarray(b).T
+        if magnitude is not None:
+            tensors[f"{path}.lora_magnitude_vector"] = np.asarray(magnitude)
     return {"r": rank, "lora_alpha": alpha, "target_modules": module_names(layers), "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "use_rslora": first.rslora, "use_dora": first.dora, "lora_dropout": 0.0,
+            "alpha_pattern": alpha_pattern, "use_rslora": rslora, "use_dora": dora, "lora_dropout": 0.0,
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None}, tensors
 
 

@@ -78,3 +78,23 @@ def test_import_and_export_match_hf_peft_logits(base_dir, tmp_path, kind):
     print(f"{kind}: import {import_diff:.1e}, export {export_diff:.1e} (adapter changes logits by {change:.2f})")
     assert import_diff < 1e-4 and export_diff < 1e-4
     assert change > 1e-2  # the adapter does something, so equal logits are not the base's
+
+
+def test_named_adapters_export_one_hf_directory_each(base_dir, tmp_path, randomise):
+    """A model with two named LoRA adapters (other ranks, alphas, targets) is two HF PEFT directories; HF PEFT loads
+    both into one model and gives each adapter's logits."""
+    model = peft.apply(tiny_model(seed=1), peft.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    model = peft.add_adapter(model, "two", peft.LoRAConfig(rank=2, alpha=6.0, targets=("v_proj", "down_proj"),
+                                                           seed=1))
+    model = randomise(model, peft.LoRA)
+    out = peft.save_hf_adapters(model, tmp_path / "adapters")
+    assert sorted(p.name for p in out.iterdir()) == ["default", "two"]
+    hf = peft_hf.PeftModel.from_pretrained(_hf_base(base_dir), out / "default", adapter_name="default")
+    hf.load_adapter(out / "two", adapter_name="two")
+    ids = random_blocks(2, 7)
+    for name in ("default", "two"):
+        hf.set_adapter(name)
+        peft.set_adapter(model, name)
+        diff = float(np.abs(_hf_logits(hf.eval(), ids) - np.asarray(model(ids))).max())
+        print(f"named adapter {name}: max |logit diff| {diff:.1e}")
+        assert diff < 1e-4
