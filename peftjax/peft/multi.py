@@ -90,13 +90,19 @@ def _multi_layers(model: nnx.Module) -> dict[str, MultiLoRALinear]:
 
 
 def _to_multi(model: nnx.Module) -> None:
+    """LoRA layers become named-adapter layers holding them as ``default``; a layer whose options a named adapter
+    cannot keep (DoRA, QAT, dropout, LoRA-FA's frozen A) is a one-line error instead of being dropped silently."""
     for p, m in list(nnx.iter_modules(model)):
-        if type(m) is LoRALinear and not isinstance(m.lora_a, LoRA):
-            raise PeftjaxError(f"{path_str(p)} is LoRA-FA (freeze_a): named adapters train A; apply LoRA without "
-                               "freeze_a to add adapters")
-        if type(m) is LoRALinear and not m.dora and m.qat is None:
-            set_at_path(model, path_str(p), MultiLoRALinear(
-                m.base, {"default": LoRAFactors(m.lora_a[...], m.lora_b[...], m.scale)}, "default"))
+        if type(m) is not LoRALinear:
+            continue
+        kept_out = [what for what, has in (("DoRA", m.dora), ("QAT", m.qat is not None),
+                                           (f"dropout {m.dropout}", m.dropout > 0),
+                                           ("LoRA-FA's frozen A (freeze_a)", not isinstance(m.lora_a, LoRA))) if has]
+        if kept_out:
+            raise PeftjaxError(f"{path_str(p)} has {kept_out[0]}, which named adapters do not keep; apply plain "
+                               "LoRA (dora, qat_format, dropout, freeze_a off) before add_adapter")
+        set_at_path(model, path_str(p), MultiLoRALinear(
+            m.base, {"default": LoRAFactors(m.lora_a[...], m.lora_b[...], m.scale)}, "default"))
 
 
 def add_adapter(model: nnx.Module, name: str, config: LoRAConfig) -> nnx.Module:
