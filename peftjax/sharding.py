@@ -247,14 +247,26 @@ def _owner(names, table) -> int | None:
     return hits[-1] if hits else None
 
 
-def optimizer_shardings(optimizer, opt_state, param_shardings, replicated: NamedSharding):
-    """Shardings of an optax state: every parameter-shaped part (Adam's moments) like its parameters, the rest
+def optimizer_shardings(opt_state, params, param_shardings, replicated: NamedSharding):
+    """Shardings of an (abstract) optax state: a leaf whose key path ends in a parameter's path and has its shape
+    (Adam's moments, also inside ``optax.partition`` / masked states) is laid out like that parameter, the rest
     (step counts) replicated."""
-    import optax
+    by_path = {_key(path): (np.shape(x), s) for (path, x), s in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
 
-    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+    def leaf(path, x):
+        parts = _key(path).split("/")
+        for i in range(len(parts)):
+            shape, s = by_path.get("/".join(parts[i:]), (None, None))
+            if s is not None and shape == np.shape(x):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(leaf, opt_state)
+
+
+def _key(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def put(tree, shardings):

@@ -55,7 +55,7 @@ def place(model: nnx.Module, mesh: Mesh, optimizer, *, rules: dict | None = None
     graphdef, trainable, frozen = partition.split(model)
     trainable_s, frozen_s = layout.shardings(trainable), layout.shardings(frozen)
     trainable, frozen = sharding.put(trainable, trainable_s), sharding.put(frozen, frozen_s)
-    opt_s = sharding.optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, trainable), trainable_s,
+    opt_s = sharding.optimizer_shardings(jax.eval_shape(optimizer.init, trainable), trainable, trainable_s,
                                          layout.replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_s)(trainable)
     step = make_train_step(graphdef, optimizer, grad_accum=grad_accum,

@@ -235,3 +235,22 @@ def test_recorded_equality_table_regenerates_from_its_results():
     begin, end = generated_markers("table.md")
     region = (folder / "README.md").read_text().split(begin, 1)[1].split(end, 1)[0].strip()
     assert region == module.table(rows).strip()
+
+
+def test_optimizer_state_with_learning_rate_groups_is_laid_out_like_its_parameters():
+    """optax.partition (train.group_learning_rates) holds masked moments per group: each is still found by its
+    parameter's path and laid out like it (here on a one-device mesh, where every layout is that device)."""
+    from peftjax.train import make_optimizer
+    from peftjax.train.placement import place
+
+    config = from_dict({"model": {"name": "tiny", "num_layers": 1}, "peft": {"method": "lora", "rank": 4},
+                        "train": {"group_learning_rates": {"lorab": 0.016}}})
+    placed = place(build(config, with_data=False).model, make_mesh({}), make_optimizer(config.train), batch_size=1)
+    specs = {jax.tree_util.keystr(p): x.sharding.spec
+             for p, x in jax.tree_util.tree_flatten_with_path(placed.trainable)[0]}
+    moments = [(k, x.sharding.spec) for p, x in jax.tree_util.tree_flatten_with_path(placed.opt_state)[0]
+               for k in specs if jax.tree_util.keystr(p).endswith(k)]
+    assert len(moments) == 2 * len(specs)  # mu and nu of every parameter, in the group that holds it
+    assert all(spec == specs[k] for k, spec in moments)
+    assert {str(spec) for spec in specs.values()} == {"P('fsdp', None)", "P(None, 'fsdp')", "P('tensor', None)",
+                                                      "P(None, 'tensor')"}
