@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from peftjax.studies import memory as M
-from peftjax.studies.report import markdown_table
+from peftjax.studies.report import fill_generated, markdown_table
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 BATCH, SEQ = 4, 128  # the CPU-sized SmolLM2 runs of experiments/methods and lora_vs_qlora
@@ -78,13 +78,27 @@ def plots(out: Path, parts) -> list[str]:
     return ["smollm2_estimate_vs_xla.png", "memory_vs_model_size.png"]
 
 
+MODELS = M.CLASSIC + ["llama-65b"]
+
+
+def readme_tables() -> dict[str, str]:
+    """The README's estimator tables (no measurement: the architecture only), by their generated region."""
+    return {"bf16-weights": M.bf16_weight_table(MODELS),
+            "training-memory": M.methods_table(MODELS, batch_size=1, seq_len=512)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, help="a finished methods sweep directory (for measured RSS)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
+    ap.add_argument("--readme", action="store_true", help="only write the README's estimator tables")
     args = ap.parse_args()
-    classic = M.bf16_weight_table(M.CLASSIC + ["llama-65b"])
-    methods = M.methods_table(M.CLASSIC + ["llama-65b"], batch_size=1, seq_len=512)
+    tables = readme_tables()
+    for key, text in tables.items():
+        fill_generated(Path(__file__).parent / "README.md", key, text)
+    if args.readme:
+        return
+    classic, methods = tables["bf16-weights"], tables["training-memory"]
     rows, parts = smollm2_rows(args.runs)
     header = ["method", "weights MiB", "adapter + grads + AdamW MiB", "activations MiB", "estimate",
               "XLA allocation", "estimate / XLA", "process memory (estimate / it)"]
