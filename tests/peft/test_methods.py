@@ -231,7 +231,7 @@ def test_prefix_and_prompt_lengths_that_overflow_the_context():
 
 
 def test_bad_lora_options():
-    with pytest.raises(PeftjaxError, match="unknown LoRA init 'svd'; choose one of default, gaussian, pissa, loftq"):
+    with pytest.raises(PeftjaxError, match="unknown LoRA init 'svd'; choose one of default, gaussian, pissa, olora, loftq"):
         peft.apply(tiny_model(), peft.LoRAConfig(init="svd"))
     with pytest.raises(PeftjaxError, match=r"layers_to_transform \[7\] selects no layer; the model has layers 0..1"):
         peft.apply(tiny_model(), peft.LoRAConfig(layers_to_transform=(7,)))
