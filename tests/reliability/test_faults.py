@@ -107,10 +107,10 @@ def _fake_sweep(out: Path) -> None:
 
 
 def test_report_without_matplotlib_writes_report_md_and_says_so(tmp_path, monkeypatch, capsys):
-    import peftjax.studies.report as report
+    import peftjax.studies.plots as plots_module
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    monkeypatch.setattr(plots_module, "_PLOT_NOTE_SHOWN", False)
     _fake_sweep(tmp_path / "s")
     text, plots = write_sweep_report(tmp_path / "s")
     assert plots == [] and "| 1 |" in text
