@@ -70,6 +70,12 @@ def test_qlora_memory_table_regenerates_from_its_measurements():
     assert _region(EXPERIMENTS / "qlora_memory" / "README.md") == table.strip()
 
 
+def test_encoder_classification_table_regenerates_from_its_results():
+    results = json.loads((EXPERIMENTS / "encoder_classification" / "results.json").read_text())
+    table = _run_module("encoder_classification").table(results)
+    assert _region(EXPERIMENTS / "encoder_classification" / "README.md") == table.strip()
+
+
 def test_quant_report_table_regenerates_from_its_results():
     results = json.loads((EXPERIMENTS / "quant_report" / "results.json").read_text())
     assert _region(EXPERIMENTS / "quant_report" / "README.md") == _run_module("quant_report").table(results).strip()
@@ -95,8 +101,9 @@ def test_every_study_spec_is_valid_and_sweeps_three_seeds(tmp_path, spec):
     from peftjax.studies.sweep import plan
 
     _, points = plan(str(spec), tmp_path / "sweep")  # every point validated, nothing run
+    replicates = ("train.seed", "data.fold")  # seeds, or the folds of a cross-validation
     rows: dict[str, set] = {}
     for point in points:
-        rest = tuple(sorted((k, str(v)) for k, v in point.items() if k not in ("train.seed", "name")))
-        rows.setdefault(rest, set()).add(point.get("train.seed"))
-    assert all(len(seeds) >= 3 for seeds in rows.values()), f"{spec}: a row has fewer than 3 seeds"
+        rest = tuple(sorted((k, str(v)) for k, v in point.items() if k not in (*replicates, "name")))
+        rows.setdefault(rest, set()).add(tuple(point.get(k) for k in replicates))
+    assert all(len(seeds) >= 3 for seeds in rows.values()), f"{spec}: a row has fewer than 3 seeds or folds"
