@@ -15,6 +15,14 @@ from peftjax.errors import PeftjaxError
 CONTROL_TOKEN_TYPE = 3
 
 
+def _backend_from_dir(path: Path) -> HFTokenizer:
+    """The ``tokenizers`` backend of a Hugging Face model directory's tokenizer.json."""
+    file = path / "tokenizer.json"
+    if not file.exists():
+        raise PeftjaxError(f"{path} has no tokenizer.json; a Hugging Face model directory needs one")
+    return HFTokenizer.from_file(str(file))
+
+
 class Tokenizer:
     """Text <-> token ids, plus the model's special ids and chat template."""
 
@@ -74,10 +82,7 @@ class Tokenizer:
     def from_hf_dir(cls, path: Path) -> "Tokenizer":
         import json
 
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise PeftjaxError(f"{path} has no tokenizer.json; a Hugging Face model directory needs one")
-        backend = HFTokenizer.from_file(str(file))
+        backend = _backend_from_dir(path)
         cfg_file = path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
 
@@ -129,10 +134,7 @@ class EncoderTokenizer(Tokenizer):
 
     @classmethod
     def from_hf_dir(cls, path: Path) -> "EncoderTokenizer":
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise PeftjaxError(f"{path} has no tokenizer.json; an encoder directory needs one")
-        backend = HFTokenizer.from_file(str(file))
+        backend = _backend_from_dir(path)
         backend.no_padding()
         backend.no_truncation()
         pad = backend.token_to_id("[PAD]")
