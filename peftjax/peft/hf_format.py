@@ -91,6 +91,19 @@ def hf_targets(value, path: Path | str = "adapter_config.json", key: str = "targ
     return tuple(re.escape(name) for name in value)
 
 
+def refuse_lycoris_options(cfg: dict, path: Path, method: str) -> None:
+    """One line for the HF LyCORIS options (LoHa, LoKr) peftjax does not implement: per-layer rank / alpha
+    patterns, rank and module dropout, and the CP form for convolutions."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise PeftjaxError(f"{path}: {method} {key} is not supported here; give every layer the same r and alpha")
+    for key in ("rank_dropout", "module_dropout"):
+        if hf_number(cfg, key, float, path, 0.0):
+            raise PeftjaxError(f"{path}: {method} {key} is not supported here; set it to 0 to load the adapter")
+    if cfg.get("use_effective_conv2d"):
+        raise PeftjaxError(f"{path}: use_effective_conv2d ({method}'s CP form for convolutions) is not supported")
+
+
 def module_names(paths) -> list[str]:
     """HF ``target_modules`` naming the given module paths: their last components, sorted."""
     return sorted({p.rsplit(".", 1)[-1] for p in paths})

@@ -20,8 +20,8 @@ import numpy as np
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
 from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
-                              check_unmerged, hf_number, hf_targets, kaiming_uniform, module_names, register_method,
-                              replace_matching)
+                              check_unmerged, hf_number, hf_targets, kaiming_uniform, module_names,
+                              refuse_lycoris_options, register_method, replace_matching)
 
 
 class LoHa(Adapter):
@@ -86,14 +86,7 @@ HF_NAMES = {"hada_w1_a": "hada_b1", "hada_w1_b": "hada_a1", "hada_w2_a": "hada_b
 
 def read_hf_loha(model, cfg: dict, tensors: HFTensors):
     path = tensors.config_path
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise PeftjaxError(f"{path}: LoHa {key} is not supported here; give every layer the same r and alpha")
-    for key in ("rank_dropout", "module_dropout"):
-        if hf_number(cfg, key, float, path, 0.0):
-            raise PeftjaxError(f"{path}: LoHa {key} is not supported here; set it to 0 to load the adapter")
-    if cfg.get("use_effective_conv2d"):
-        raise PeftjaxError(f"{path}: use_effective_conv2d (LoHa's CP form for convolutions) is not supported")
+    refuse_lycoris_options(cfg, path, "LoHa")
     config = LoHaConfig(rank=hf_number(cfg, "r", int, path), alpha=hf_number(cfg, "alpha", float, path, 8.0),
                         targets=hf_targets(cfg.get("target_modules"), path))
     adapted = apply(model, config)

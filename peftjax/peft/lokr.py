@@ -25,7 +25,8 @@ import numpy as np
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
 from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_unmerged,
-                              hf_number, hf_targets, kaiming_uniform, module_names, register_method, replace_matching)
+                              hf_number, hf_targets, kaiming_uniform, module_names, refuse_lycoris_options,
+                              register_method, replace_matching)
 
 
 class LoKr(Adapter):
@@ -130,14 +131,7 @@ HF_NAMES = {"lokr_w1": "w1", "lokr_w1_a": "w1_b", "lokr_w1_b": "w1_a", "lokr_w2"
 
 def read_hf_lokr(model, cfg: dict, tensors: HFTensors):
     path = tensors.config_path
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise PeftjaxError(f"{path}: LoKr {key} is not supported here; give every layer the same r and alpha")
-    for key in ("rank_dropout", "module_dropout"):
-        if hf_number(cfg, key, float, path, 0.0):
-            raise PeftjaxError(f"{path}: LoKr {key} is not supported here; set it to 0 to load the adapter")
-    if cfg.get("use_effective_conv2d"):
-        raise PeftjaxError(f"{path}: use_effective_conv2d (LoKr's CP form for convolutions) is not supported")
+    refuse_lycoris_options(cfg, path, "LoKr")
     config = LoKrConfig(rank=hf_number(cfg, "r", int, path, 8), alpha=hf_number(cfg, "alpha", float, path, 8.0),
                         targets=hf_targets(cfg.get("target_modules"), path),
                         decompose_both=bool(cfg.get("decompose_both", False)),

@@ -8,7 +8,6 @@ written as ``peftjax``.
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import shlex
 import subprocess
@@ -64,18 +63,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def input_hashes(config) -> dict[str, str]:
     """{input: sha256}: the pinned assets the run reads (their archive's pinned sha256) and every local data or
     model file (hashed here), named by file name."""
-    from peftjax.assets import ASSETS
+    from peftjax.assets import ASSETS, sha256_file
     from peftjax.data import forgetting_source
 
     pinned = set()
