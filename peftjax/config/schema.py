@@ -33,6 +33,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False  # activation checkpointing: recompute activations in the backward pass (saves memory)
+    # run alike decoder layers as one lax.scan (one layer compiled instead of num_layers; same results)
+    scan_layers: bool = False
 
 
 # the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token

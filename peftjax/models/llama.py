@@ -340,6 +340,41 @@ def _remat_layer(layer, h_ND, shape_BT, cos, sin, key):
     return recompute_in_backward(pure)(state, h_ND)
 
 
+def stack_layers(layers) -> tuple[nnx.GraphDef, nnx.State] | None:
+    """(graphdef, state with every leaf stacked on a new leading layer axis) of ``layers`` when they share one
+    structure -- the same adapters, quantization formats, shapes and static settings -- else None (layers that
+    differ, such as adapters on some layers only or Gemma 3's local and global layers, run one by one).
+
+    The stacked state is a copy made inside the step: the stored model keeps one module per layer, so module
+    paths, target rules and checkpoints do not change with scanning.
+    """
+    if len(layers) < 2:
+        return None
+    parts = [nnx.split(layer) for layer in layers]
+    graphdef = parts[0][0]
+    structure = jax.tree.structure(parts[0][1])
+    like = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(parts[0][1])]
+    for g, state in parts[1:]:
+        if g != graphdef or jax.tree.structure(state) != structure or like != [
+                (jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]:
+            return None
+    return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in parts))
+
+
+def _scan_layers(graphdef, stacked, h_ND, shape_BT, cos, sin, key, remat):
+    """The decoder layers as one ``lax.scan`` over their stacked states; layer i draws dropout from
+    ``fold_in(key, i)`` as the unrolled loop does. With ``remat`` the body is ``jax.checkpoint``-ed: the forward
+    loop keeps only each layer's input and the backward loop recomputes the rest (two loops, so XLA cannot merge
+    the recomputation back into the forward pass as it does in the unrolled step)."""
+    def body(h, xs):
+        state, i = xs
+        return nnx.merge(graphdef, state)(h, shape_BT, cos, sin, None, None, sub_key(key, i))[0], None
+
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    body = jax.checkpoint(body, prevent_cse=False) if remat else body
+    return jax.lax.scan(body, h_ND, (stacked, jnp.arange(count, dtype=jnp.int32)))[0]
+
+
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, dim), dtype))
@@ -362,6 +397,9 @@ class LlamaForCausalLM(nnx.Module):
         # Hook for prompt tuning: a module whose call returns (N, D) virtual-token embeddings prepended to the input;
         # its ``num_tokens`` is N (0 while it is disabled).
         self.prompt = nnx.data(None)
+        # Run the decoder layers as one ``lax.scan`` over their stacked states (one layer compiled, not
+        # num_layers) when they are alike; :func:`stack_layers` says when, else the layers run one after another.
+        self.scan_layers = False
 
     def num_virtual_tokens(self) -> int:
         """Positions that prompt tuning prepends to every sequence (0 without it)."""
@@ -404,8 +442,11 @@ class LlamaForCausalLM(nnx.Module):
         if n_virtual:
             virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
+        stacked = None if cache is not None or not self.scan_layers else stack_layers(self.layers)
+        if stacked is not None:
+            h = _scan_layers(*stacked, h, (B, T), *rope.get(self.layers[0].local, rope[False]), dropout_key, remat)
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if stacked is None else ()):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             cos, sin = rope.get(layer.local, rope[False])
             if remat and cache is None:

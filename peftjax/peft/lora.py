@@ -29,7 +29,8 @@ for ``lora`` alone applies to both); LoRA-FA (Zhang et al. 2023, ``freeze_a=True
 frozen variable (:class:`FrozenLoRAA`), so only B is trained and A needs no gradient or optimizer state.
 
 Dropout (``dropout=p``) acts on the adapter's input only, x -> mask * x / (1 - p), and only when the call is given a
-key (``layer(x, key)``; the model threads ``dropout_key`` down to every layer, each folding in its own index);
+key (``layer(x, key)``; the model folds its ``dropout_key`` into one stream per decoder layer and projection, so
+layers that are otherwise alike stay alike, which lets the decoder scan over them);
 without a key the forward is deterministic (evaluation, generation).
 """
 from __future__ import annotations
@@ -216,13 +217,12 @@ class LoRALinear(AdapterLinear):
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool, key: jax.Array,
                  init: str = "default", dropout: float = 0.0, qat: tuple[str, int] | None = None,
-                 variant: LoRAVariant | str = "lora", index: int = 0, freeze_a: bool = False):
+                 variant: LoRAVariant | str = "lora", freeze_a: bool = False):
         super().__init__(base)
         self.variant = VARIANTS[variant] if isinstance(variant, str) else variant
         self.qat = qat
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.dropout = dropout
-        self.index = index  # this layer's dropout stream: fold_in(step key, index)
         self.scale = lora_scale(rank, alpha, rslora)
         a = INITS["gaussian" if init == "gaussian" else "default"](key, base.d_in, rank)
         self.lora_a = FrozenLoRAA(a) if freeze_a else LoRA(a)
@@ -251,7 +251,7 @@ class LoRALinear(AdapterLinear):
     def dropped(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         if not self.dropout or key is None:
             return x
-        keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout, x.shape)
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:
@@ -372,7 +372,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
         check_rank(rank, base, path, what="LoRA")
         layer = LoRALinear(base, rank=rank, alpha=alpha, rslora=config.rslora, key=next(keys), init=config.init,
                            dropout=config.dropout, qat=qat, variant="dora" if config.dora else "lora",
-                           index=len(made), freeze_a=config.freeze_a)
+                           freeze_a=config.freeze_a)
         if config.init in FROM_WEIGHTS:
             FROM_WEIGHTS[config.init](layer, config)
         made.append(layer)

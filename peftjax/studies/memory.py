@@ -285,6 +285,13 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
     (frozen base, trainable, optimizer state, batch), ``temp`` (activations, gradients, workspace), ``outputs`` not
     aliased to an argument, and ``total``.
     """
+    return measure_steps(model, method, rank=rank, targets=targets, batch_sizes=(batch_size,), seq_len=seq_len,
+                         remat=remat)[batch_size]
+
+
+def measure_steps(model: str, method: str, *, rank: int = 8, targets: str | None = None,
+                  batch_sizes=(1,), seq_len: int = 512, remat: bool = False) -> dict[int, dict]:
+    """:func:`measure_step` at each of ``batch_sizes`` from one build of the model: {batch size: allocation}."""
     import jax.numpy as jnp
 
     from peftjax import partition
@@ -292,14 +299,14 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
 
     config = method_run_config(method, model=model, rank=rank, targets=targets)
     config.model.remat = remat
-    config.train.batch_size = batch_size
     trained = build(config, with_data=False).model
     graphdef, trainable, frozen = partition.split(trained)
     optimizer = make_optimizer(config.train)
     opt_state = optimizer.init(trainable)
     step = make_train_step(graphdef, optimizer, jnp.float32, remat=remat)
-    batch = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
-    return step_memory(step.lower(trainable, opt_state, frozen, batch, None).compile())
+    return {b: step_memory(step.lower(trainable, opt_state, frozen, jnp.zeros((b, seq_len + 1), jnp.int32),
+                                      None).compile())
+            for b in batch_sizes}
 
 
 CLASSIC = ["llama2-70b", "llama2-13b", "llama2-7b", "mistral-7b"]

@@ -65,7 +65,12 @@ def build_model(config: RunConfig, base=None):
     elif dc.pooling is not None:
         raise PeftjaxError(f"data.pooling is for encoders (a classifier head); {config.model.name!r} is a decoder, "
                            "which classifies by verbalizer: remove data.pooling")
-    return peft.apply(model, config.peft), tokenizer
+    model = peft.apply(model, config.peft)
+    if config.model.scan_layers:
+        if isinstance(model, BertModel):
+            raise PeftjaxError("model.scan_layers scans decoder layers; an encoder does not use it: set it false")
+        model.scan_layers = True
+    return model, tokenizer
 
 
 def _labels(config: RunConfig) -> list[str]:

@@ -17,19 +17,19 @@ def write_spec(files, tmp_path, sweep: str, name="spec.yaml"):
 
 
 def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
-    spec = write_spec(play_files, tmp_path, "sweep:\n  grid: {peft.rank: [1, 2], train.seed: [0, 1]}\n"
-                                "  zip: {name: [lora, qlora], quant.format: [null, nf4]}\n")
+    spec = write_spec(play_files, tmp_path, "sweep:\n  grid: {train.seed: [0, 1]}\n"
+                                "  zip: {name: [lora, qlora], quant.format: [null, nf4], peft.rank: [1, 2]}\n")
     out = tmp_path / "sweep"
     proc = cli("sweep", str(spec), "--out", str(out), "--workers", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = sorted(p.name for p in out.iterdir() if (p / "summary.json").exists())
-    assert names == sorted(f"{m},rank={r},seed={s}" for m in ("lora", "qlora") for r in (1, 2) for s in (0, 1))
+    assert names == sorted(f"{m},seed={s}" for m in ("lora", "qlora") for s in (0, 1))
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(lines) == 8 and all(line["status"] == "ok" for line in lines)
+    assert len(lines) == 4 and all(line["status"] == "ok" for line in lines)
     assert {line["summary"]["rank"] for line in lines} == {1, 2}
     report = (out / "report.md").read_text()
-    assert "± " in report and report.count("\n| ") == 5  # header + 4 groups (seeds averaged)
-    assert "4 finished runs" not in report and "eval loss after vs best" in report
+    assert "± " in report and report.count("\n| ") == 3  # header + 2 groups (seeds averaged)
+    assert "4 finished runs in 2 groups" in report and "eval loss after vs best" in report
     for plot in ("quality_vs_memory.png", "quality_vs_time.png", "eval_loss_vs_rank.png", "tokens_per_s.png",
                  "loss_curves.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
@@ -37,7 +37,7 @@ def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
     assert any((out / ".jax_cache").iterdir())  # the points' shared compilation cache
     # a rerun skips finished points
     again = cli("sweep", str(spec), "--out", str(out))
-    assert again.returncode == 0 and again.stdout.count(": skipped") == 8
+    assert again.returncode == 0 and again.stdout.count(": skipped") == 4
 
 
 def test_failing_point_is_recorded_and_the_sweep_goes_on(cli, play_files, tmp_path):

@@ -2,6 +2,7 @@
 previous checkpoint usable; a checkpoint of another model is refused naming the field; load_run for inference."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -40,39 +41,61 @@ def _trainable(run_dir):
     return jax.tree.leaves(trainable)
 
 
-def test_sigkill_mid_training_then_resume_is_bitwise_equal_to_uninterrupted(cli, play_files, tmp_path):
-    config = _config_file(tmp_path, play_files, steps=80)
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(config), "--no-progress"]
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
+# Where the kills land: for each seed, four (phase, step) points drawn by random.Random(seed) -- a phase is
+# "step" (kill once the metrics reach that step) or "save" (kill as soon as a checkpoint write is under way at or
+# after that step) -- the run killed at each in turn and resumed after each. Add seeds for more repetitions.
+KILL_SEEDS = (1,)  # step 16, then writes at or after steps 20, 28, 48
+
+
+def _kill_points(seed: int, steps: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(rng.choice(["step", "save"]), s) for s in sorted(rng.sample(range(12, steps - 4), 4))]
+
+
+def _run_until(cmd, run_dir, phase: str, step: int):
+    """Start ``cmd`` and SIGKILL it at (phase, step); the checkpoint step it leaves behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, checkpoints = run_dir / "metrics.jsonl", run_dir / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a checkpoint exists and training has gone past it
+    while time.time() < deadline and proc.poll() is None:
         lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # complete lines only
-        steps = [json.loads(line)["step"] for line in lines]
-        if steps and steps[-1] >= 25:
+        done = max((json.loads(line)["step"] for line in lines), default=0)
+        saving = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+        if done >= step and (phase == "step" or saving):
             break
-        time.sleep(0.01)
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "summary.json").exists(), "the run finished before the kill; raise train.steps"
-    last = Checkpointer(killed / "checkpoints").latest_step()
-    assert last is not None and 10 <= last < 80
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at {phase} {step}"
+    return Checkpointer(checkpoints).latest_step()
 
-    resumed = cli("train", str(config), "--no-progress", "--out", str(killed), "--resume")
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
+def test_sigkill_at_random_points_then_resume_is_bitwise_equal_to_uninterrupted(cli, play_files, tmp_path, seed):
+    """Killed four times (during steps or checkpoint writes, dropout on) and resumed after each, the run ends
+    bitwise where the uninterrupted one does, with every metrics record once."""
+    config = _config_file(tmp_path, play_files, steps=60)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(config), "--no-progress", "--out", str(killed)]
+    resumed_from = []
+    for i, (phase, step) in enumerate(_kill_points(seed, 60)):
+        resumed_from.append(_run_until(cmd + (["--resume"] if i else []), killed, phase, step))
+        assert resumed_from[-1] is not None and resumed_from[-1] <= step
+    assert not (killed / "summary.json").exists()
+
+    resumed = cli(*cmd[3:], "--resume")
     assert resumed.returncode == 0, resumed.stderr
     done = cli("train", str(config), "--no-progress", "--out", str(full))
     assert done.returncode == 0, done.stderr
 
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["resumed_from_step"] == last and summary["steps"] == 80
+    assert summary["resumed_from_step"] == resumed_from[-1] and summary["steps"] == 60
     train_steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
                    if "loss" in json.loads(line)]
-    assert train_steps == list(range(1, 81))  # records after the checkpoint were rewritten, none doubled
+    assert train_steps == list(range(1, 61))  # records after the checkpoint were rewritten, none doubled
     for a, b in zip(_trainable(full), _trainable(killed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [70, 80]  # keep the last 2
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == [50, 60]
 
 
 def _state(config):

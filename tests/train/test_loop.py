@@ -72,6 +72,29 @@ def test_remat_gives_the_same_step():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers, scans", [(None, True), ([0, 2], False)])
+def test_scanned_layers_give_the_unrolled_step(layers, scans):
+    """``scan_layers``: alike layers run as one lax.scan (one layer in the compiled step, not four) and give the
+    unrolled step's loss and update, with dropout and remat; layers that differ (LoRA on layers 0 and 2 only) fall
+    back to the unrolled loop."""
+    model = peft.apply(tiny_model(), LoRAConfig(rank=4, dropout=0.1, layers_to_transform=layers))
+    opt = make_optimizer(_train())
+    blocks, key = random_blocks(2, 17, seed=2), jax.random.key(5)
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    results = {}
+    for scan in (False, True):
+        model.scan_layers = scan
+        graphdef, trainable, frozen = partition.split(model)
+        step = make_train_step(graphdef, opt, remat=True)
+        hlo = step.lower(trainable, opt.init(trainable), frozen, blocks, key).as_text()
+        results[scan] = hlo.count("stablehlo.while"), step(copy(trainable), opt.init(trainable), frozen, blocks, key)
+    assert (results[True][0] > results[False][0]) == scans
+    (t1, _, m1), (t2, _, m2) = results[False][1], results[True][1]
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for a, b in zip(_leaves(t1), _leaves(t2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_nonfinite_loss_skips_the_update():
     graphdef, trainable, frozen = _lora()
     opt = make_optimizer(_train())
