@@ -43,11 +43,22 @@ def check_generation(model, prompt_len: int, max_new_tokens: int, temperature: f
                            "or shorten the prompt")
 
 
+CACHE_BUCKET = 64
+
+
+def cache_slots(model, tokens: int) -> int:
+    """KV-cache slots for ``tokens`` positions (plus the model's virtual tokens), rounded up to a multiple of
+    :data:`CACHE_BUCKET` within the context: requests of similar lengths share one compiled decode step (the slots
+    past the filled length are masked out, so the logits do not change)."""
+    need = model.num_virtual_tokens() + tokens
+    return min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_position)
+
+
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
                     temperature: float = 0.0, seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
     check_generation(model, len(prompt_ids), max_new_tokens, temperature)
-    cache = KVCache.empty(model.config, 1, model.num_virtual_tokens() + len(prompt_ids) + max_new_tokens)
+    cache = KVCache.empty(model.config, 1, cache_slots(model, len(prompt_ids) + max_new_tokens))
     logits, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache)
     key = jax.random.key(seed)
     out: list[int] = []
