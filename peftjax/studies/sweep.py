@@ -143,9 +143,10 @@ def _finished_names(out: Path) -> set[str]:
 
 
 # Points share XLA's persistent compilation cache (a directory in the sweep): a point whose compiled functions equal
-# an earlier point's (another seed or data order: same shapes, same constants) loads them instead of compiling. A
-# point that changes a constant of the step (the learning rate, the method) still compiles its own. Set the
-# variable yourself to use another cache.
+# an earlier point's (another seed, data order or learning rate -- the peak rate is an input of the step, held in
+# the optimizer state: same shapes, same constants) loads them instead of compiling. A point that changes the
+# step's program (the method, a rank, the schedule's length) compiles its own. Set the variable yourself to use
+# another cache.
 COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 COMPILATION_CACHE = ".jax_cache"
 

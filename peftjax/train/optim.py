@@ -44,9 +44,16 @@ def make_schedule(tc, peak: float) -> optax.Schedule:
 
 def make_optimizer(tc) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decay masked to matrices) per group: ``train.group_learning_rates`` sets
-    a peak rate per trainable variable type (e.g. ``prompt`` vs ``lora``) through ``optax.partition``."""
+    a peak rate per trainable variable type (e.g. ``prompt`` vs ``lora``) through ``optax.partition``.
+
+    AdamW is optax's own chain (Adam's scaling, decoupled decay, the rate) with the rate split in two: the shape
+    of the schedule (warmup and cosine, peak 1) and the peak itself, an ``optax.inject_hyperparams`` value held in
+    the optimizer state. So the peak is an input of the compiled step, not a constant in it: sweep points that
+    differ only in learning rate share one compiled step (through the sweep's compilation cache)."""
     def adamw(peak):
-        return optax.adamw(make_schedule(tc, peak), weight_decay=tc.weight_decay, mask=decay_mask)
+        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(tc.weight_decay, decay_mask),
+                           optax.scale_by_schedule(make_schedule(tc, 1.0)),
+                           optax.inject_hyperparams(optax.scale)(step_size=-float(peak)))
 
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
     if tc.group_learning_rates:

@@ -95,6 +95,32 @@ def test_scanned_layers_give_the_unrolled_step(layers, scans):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_learning_rate_is_an_input_of_the_compiled_step_and_adamw_is_optax_adamw():
+    """Two learning rates lower to the same step program (a sweep over them compiles once); the updates equal
+    clipping + ``optax.adamw`` with the whole schedule, decay masked to matrices, over 5 steps (to float32
+    rounding)."""
+    graphdef, trainable, frozen = _lora()
+    blocks = random_blocks(2, 17, seed=2)
+    texts = []
+    for lr in (1e-2, 3e-4):
+        opt = make_optimizer(_train(learning_rate=lr, warmup_steps=2))
+        texts.append(make_train_step(graphdef, opt).lower(trainable, opt.init(trainable), frozen, blocks).as_text())
+    assert texts[0] == texts[1]
+    tc = _train(learning_rate=1e-2, warmup_steps=2, weight_decay=0.1)
+    ours = make_optimizer(tc)
+    ref = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                      optax.adamw(make_schedule(tc, tc.learning_rate), weight_decay=0.1, mask=decay_mask))
+    params = jax.tree.map(lambda x: x + 0.5, trainable)
+    states = ours.init(params), ref.init(params)
+    for i in range(5):
+        grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1)), params)
+        (u1, s1), (u2, s2) = ours.update(grads, states[0], params), ref.update(grads, states[1], params)
+        states = s1, s2
+        for a, b in zip(_leaves(u1), _leaves(u2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+        params = optax.apply_updates(params, u2)
+
+
 def test_nonfinite_loss_skips_the_update():
     graphdef, trainable, frozen = _lora()
     opt = make_optimizer(_train())
