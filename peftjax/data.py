@@ -34,7 +34,9 @@ def split_by_document(paths: list[Path], eval_docs: int) -> tuple[list[Path], li
 
 
 def _pack(ids_lists: list[list[int]], block: int, eos_id: int) -> np.ndarray:
-    stream = np.fromiter((t for ids in ids_lists for t in (*ids, eos_id)), dtype=np.int32)
+    eos = np.asarray([eos_id], np.int32)
+    stream = np.concatenate([part for ids in ids_lists for part in (np.asarray(ids, np.int32), eos)]
+                            or [np.zeros(0, np.int32)])
     n = len(stream) // block
     return stream[: n * block].reshape(n, block)
 
@@ -59,7 +61,8 @@ def text_documents_to_blocks(files: list[Path], tokenizer, block: int, cache_dir
                 keep_in_memory=True)
     if len(ds) == 0:  # fewer tokens than one block: the mapped table has no rows (and no columns)
         return np.zeros((0, block), np.int32)
-    return np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int32).reshape(-1, block)
+    # the whole column at once (a slice): indexing the column alone iterates it row by row, ~150 us a row
+    return np.asarray(ds.with_format("numpy")[:]["input_ids"], dtype=np.int32).reshape(-1, block)
 
 
 def check_text_files(files: list[Path]) -> None:
