@@ -82,23 +82,6 @@ def relative(arg: str) -> str:
     return head + sep + (os.path.relpath(tail, ROOT) if os.path.isabs(tail) else tail)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def roofline_main(tokens: int) -> None:
     """(subprocess) Print the matmul timings at SmolLM2's shapes as one JSON line."""
     import jax
@@ -158,6 +141,7 @@ def measure(a, peer_versions: dict) -> dict:
     from peftjax.assets import smollm2_gguf
     from peftjax.studies.bench import flops_per_token, method_roofline, mfu
     from peftjax.studies.memory import architecture
+    from peftjax.train import provenance
 
     arch, _ = architecture("smollm2")
     versions = {"python": platform.python_version(), **peer_versions}
@@ -184,7 +168,7 @@ def measure(a, peer_versions: dict) -> dict:
     results = {
         "harness": "experiments/bench_vs_peer/compare.py", "command": shlex.join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
+        "machine": {"cpu": provenance.cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
                     "system": platform.system(), "backend": first["backend"], "device": first["device"]},
         "versions": versions,
         "settings": {"model": "smollm2", "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": "all-linear",

@@ -131,11 +131,11 @@ def load_compare():
 @pytest.mark.parametrize("args,message", [
     (["--methods", "lora,lokr"], "unknown or missing --methods / --peer-dtypes lokr"),
     (["--peer-dtypes", "float16"], "unknown or missing --methods / --peer-dtypes float16"),
-    (["--methods", "lora"], "is missing (see ../shared/peer/README.md)"),
+    (["--methods", "lora"], "hf_peft_step.py is missing (see "),
 ])
 def test_usage_errors_are_one_line_with_status_2(args, message, monkeypatch, capsys, tmp_path):
     compare = load_compare()
-    monkeypatch.setattr(compare, "PEER", compare.ROOT.parent / "shared" / "peer" / "hf_peft_step.py.missing")
+    monkeypatch.setattr(compare, "PEER", tmp_path / "peer" / "hf_peft_step.py")  # a peer script that is not there
     with pytest.raises(SystemExit) as exit_:
         compare.main([*args, "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
