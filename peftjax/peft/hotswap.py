@@ -70,12 +70,6 @@ class HotswapLoRALinear(AdapterLinear):
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale[...])
 
-    def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
-
-    def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
-
 
 def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
     """The plain LoRA layers of ``model`` (one line for the kinds hot-swapping cannot pad exactly)."""

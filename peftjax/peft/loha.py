@@ -62,12 +62,6 @@ class LoHaLinear(AdapterLinear):
             return y
         return y + x @ self.delta_weight().astype(x.dtype)
 
-    def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
-
-    def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
-
 
 def apply_loha(model, config: LoHaConfig) -> None:
     root = jax.random.key(config.seed)

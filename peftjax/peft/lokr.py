@@ -106,12 +106,6 @@ class LoKrLinear(AdapterLinear):
         c1, c2 = self.factors()
         return y + kron_apply(x, c1 * self.scale, c2)
 
-    def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
-
-    def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
-
 
 def apply_lokr(model, config: LoKrConfig) -> None:
     root = jax.random.key(config.seed)

@@ -51,7 +51,7 @@ from peftjax.peft.hf_format import (HFFormat, HFTensors, adapter_modules, check_
                                     module_names)
 from peftjax.peft.registry import apply, register_method
 from peftjax.variables import LoRA, Quantized
-from peftjax.peft.wrapper import AdapterLinear
+from peftjax.peft.wrapper import AdapterLinear, input_dropout
 from peftjax.quant import get_format
 from peftjax.quant.policy import (QuantizedLinear, QuantRule, dequantize_kernel, fake_quant_kernel,
                                   quantize_kernel)
@@ -237,7 +237,7 @@ class LoRALinear(AdapterLinear):
         """``key``: this step's dropout key (None: no dropout, as in evaluation and generation)."""
         if self.bypass():
             return self.base(x)
-        adapter_x = self.dropped(x, key)
+        adapter_x = input_dropout(x, self.dropout, key)
         if self.qat is None:
             return self.variant.forward(self, x, adapter_x)
         fmt, block_size = self.qat
@@ -247,12 +247,6 @@ class LoRALinear(AdapterLinear):
         if adapter_x is not x:
             y = y + self.variant.adapter_out(self, adapter_x) - self.variant.adapter_out(self, x)
         return y if self.base.bias is None else y + self.base.bias[...].astype(x.dtype)[None, :]
-
-    def dropped(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        if not self.dropout or key is None:
-            return x
-        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)

@@ -36,7 +36,8 @@ import numpy as np
 
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
-from peftjax.peft.api import Adapter, AdapterLinear, kaiming_uniform, register_method, replace_matching
+from peftjax.peft.api import (Adapter, AdapterLinear, input_dropout, kaiming_uniform, register_method,
+                              replace_matching)
 from peftjax.quant import QArray, dequantize
 from peftjax.quant.double_quant import dequantize_scales
 from peftjax.quant.formats import IntFormat
@@ -164,17 +165,8 @@ class QALoRALinear(AdapterLinear):
         y = self.base(x)
         if self.bypass():
             return y
-        if self.dropout and key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        pooled = group_pool(x, self.group_size)
+        pooled = group_pool(input_dropout(x, self.dropout, key), self.group_size)
         return y + (pooled @ self.qalora_a[...].astype(x.dtype)) @ (self.qalora_b[...].astype(x.dtype) * self.scale)
-
-    def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
-
-    def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
 
 
 def apply_qalora(model, config: QALoRAConfig) -> None:

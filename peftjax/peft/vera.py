@@ -67,12 +67,6 @@ class VeRALinear(AdapterLinear):
     def delta_weight(self):
         return ((self.vera_A[...] * self.vera_d[...][None, :]) @ self.vera_B[...]) * self.vera_b[...][None, :]
 
-    def merge_kernel(self, w_DO):
-        return w_DO + self.delta_weight().astype(w_DO.dtype)
-
-    def unmerge_kernel(self, w_DO):
-        return w_DO - self.delta_weight().astype(w_DO.dtype)
-
 
 def apply_vera(model: nnx.Module, config: VeRAConfig) -> None:
     # the shared projections are as large as the largest layer they serve: every linear layer's sizes bound them

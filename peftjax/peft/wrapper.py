@@ -2,7 +2,7 @@
 
 An :class:`AdapterLinear` wraps a frozen base linear layer (dense or quantized) and adds an update. A method that can
 fold its update into the base weight implements ``merge_kernel(W) -> W'`` and ``unmerge_kernel(W') -> W`` on the
-(d_in, d_out) dense weight; :mod:`peftjax.peft.merge` does the rest (dequantize, requantize, bookkeeping).
+(d_in, d_out) dense weight (an additive method only ``delta_weight()``: W' = W + ΔW is the default); :mod:`peftjax.peft.merge` does the rest (dequantize, requantize, bookkeeping).
 ``merged`` and ``disabled`` are plain Python flags: static, so flipping them retraces instead of branching at run
 time. Modules that are not linear wrappers (prefix, prompt) subclass :class:`AdapterModule` only.
 """
@@ -44,11 +44,23 @@ class AdapterLinear(AdapterModule):
         """True when the forward is the base alone: the update is merged into it or the adapter is disabled."""
         return self.merged or self.disabled
 
-    def merge_kernel(self, w_DO: jax.Array) -> jax.Array:
+    def delta_weight(self) -> jax.Array:
+        """The (d_in, d_out) update of an additive method (W' = W + ΔW): the default kernels below use it."""
         raise NotImplementedError
 
+    def merge_kernel(self, w_DO: jax.Array) -> jax.Array:
+        return w_DO + self.delta_weight().astype(w_DO.dtype)
+
     def unmerge_kernel(self, w_DO: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        return w_DO - self.delta_weight().astype(w_DO.dtype)
+
+
+def input_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """An adapter's input dropout: x -> mask * x / (1 - rate) when a key is given and rate > 0, else x."""
+    if not rate or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
