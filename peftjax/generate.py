@@ -1,4 +1,5 @@
-"""Autoregressive decoding with a KV cache: one jitted prefill, then one jitted step per new token.
+"""Autoregressive decoding with a KV cache: one jitted prefill (the prompt padded to a bucket of
+:data:`PROMPT_BUCKET` tokens), then one jitted step per new token.
 
 The model decodes with whatever adapters it carries and has active: LoRA-style wrappers, prefixes (attended to at
 every step) and prompt-tuning virtual tokens (prepended once, in the prefill; the cache holds their positions).
@@ -15,9 +16,16 @@ from peftjax.models.llama import KVCache
 
 
 @nnx.jit
-def _prefill(model, ids_BT, cache):
+def _prefill(model, ids_BT, cache, prompt_len):
+    """The prompt's cache and the logits after its last real token: ``ids_BT`` is the prompt right-padded to a
+    bucket, so prompts of similar lengths share one compiled prefill. Causal attention keeps the padding out of
+    the real positions, and the cache's length is set back to the real tokens: the next decode step writes its
+    key over the first padded slot before any query can see that slot."""
+    start = cache.length
     logits, cache = model(ids_BT, cache=cache)
-    return logits[:, -1], cache
+    n_real = prompt_len + model.num_virtual_tokens()
+    cache = KVCache(cache.keys, cache.values, start + n_real)
+    return jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False), cache
 
 
 @nnx.jit
@@ -44,6 +52,7 @@ def check_generation(model, prompt_len: int, max_new_tokens: int, temperature: f
 
 
 CACHE_BUCKET = 64
+PROMPT_BUCKET = 16
 
 
 def cache_slots(model, tokens: int) -> int:
@@ -54,12 +63,23 @@ def cache_slots(model, tokens: int) -> int:
     return min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_position)
 
 
+def prefill_length(model, prompt_len: int, slots: int) -> int:
+    """The prompt's length padded up to a multiple of :data:`PROMPT_BUCKET`, within the cache's ``slots`` and the
+    context (never below the prompt itself)."""
+    room = min(slots - model.num_virtual_tokens(),
+               model.config.max_position - model.num_virtual_tokens() - model.num_prefix_positions())
+    return max(prompt_len, min(-(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET, room))
+
+
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
                     temperature: float = 0.0, seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
     check_generation(model, len(prompt_ids), max_new_tokens, temperature)
-    cache = KVCache.empty(model.config, 1, cache_slots(model, len(prompt_ids) + max_new_tokens))
-    logits, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache)
+    slots = cache_slots(model, len(prompt_ids) + max_new_tokens)
+    cache = KVCache.empty(model.config, 1, slots)
+    padded = list(prompt_ids) + [0] * (prefill_length(model, len(prompt_ids), slots) - len(prompt_ids))
+    logits, cache = _prefill(model, jnp.asarray([padded], jnp.int32), cache,
+                             jnp.asarray(len(prompt_ids), jnp.int32))
     key = jax.random.key(seed)
     out: list[int] = []
     for _ in range(max_new_tokens):

@@ -75,11 +75,12 @@ def test_estimate_agrees_with_xla_on_tiny(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,weight_dtype", [("lora", "float32"), ("qlora", "bfloat16")])
-def test_estimate_within_15_percent_of_xla_on_smollm2(method, weight_dtype):
-    """SmolLM2 x 128 tokens, float32 compute, at two batch sizes: the estimate against XLA's allocation for the
-    compiled train step (LoRA on the float32 base; QLoRA with the rest of its base in bfloat16, as its preset)."""
-    measured = M.measure_steps("smollm2", method, batch_sizes=(1, 4), seq_len=128)
+@pytest.mark.parametrize("method,weight_dtype,batch_sizes", [("lora", "float32", (1, 4)), ("qlora", "bfloat16", (4,))])
+def test_estimate_within_15_percent_of_xla_on_smollm2(method, weight_dtype, batch_sizes):
+    """SmolLM2 x 128 tokens, float32 compute: the estimate against XLA's allocation for the compiled train step
+    (LoRA on the float32 base at two batch sizes, so the activations' slope is checked too; QLoRA, whose step takes
+    twice as long to compile, at one, with the rest of its base in bfloat16, as its preset)."""
+    measured = M.measure_steps("smollm2", method, batch_sizes=batch_sizes, seq_len=128)
     for batch_size, allocation in measured.items():
         e = M.estimate("smollm2", method, batch_size=batch_size, seq_len=128, weight_dtype=weight_dtype,
                        compute_dtype="float32")
