@@ -24,7 +24,7 @@ from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, com
 from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_adapters, save_hf_model  # noqa: E402
 from peftjax.peft.hotswap import HotswapLoRALinear, hotswap, prepare_hotswap  # noqa: E402
 # methods written against the public names above only (the extension API's worked examples)
-from peftjax.peft import vera, loha, lokr, oft, qalora  # noqa: E402,F401
+from peftjax.peft import vera, loha, lokr, oft, qalora, adalora  # noqa: E402,F401
 
 __all__ = ["Adapter", "AdapterLinear", "AdapterModule", "DoRA", "FullConfig", "HotswapLoRALinear", "IA3", "IA3Config",
            "IA3Linear", "LoRA", "LoRAConfig", "LoRALinear", "LoRAVariant", "Method", "MultiLoRALinear", "Prefix",

@@ -15,7 +15,14 @@ test of its name elsewhere:
 - ``extra_positions(config) -> (virtual_tokens, prefix_tokens)``: sequence positions the method adds (prompt
   tuning prepends inputs, prefix tuning extra keys), for activation-memory estimates (default: none);
 - ``hf``: a :class:`peftjax.peft.hf_format.HFFormat`, how the method reads and writes Hugging Face PEFT adapter
-  directories of its ``peft_type`` (default: none, the method has no HF counterpart).
+  directories of its ``peft_type`` (default: none, the method has no HF counterpart);
+- ``regularizer(model, config) -> scalar``: a term the train step adds to the mean loss of every step (computed
+  on the model with the step's trainable values, differentiated with it); the step reports it as
+  ``metrics["regularizer"]`` and ``metrics["loss"]`` stays the data loss (default: none);
+- ``wrap_optimizer(config, optimizer, run_steps) -> optax.GradientTransformation``: wraps the run's optimizer
+  (AdamW after gradient clipping) in a transformation that sees the clipped gradients, the parameters and the
+  inner updates and may change those updates after the step (AdaLoRA's rank allocator); its state is part of the
+  optimizer state, so checkpoints and resumption carry it; ``run_steps`` is ``train.steps`` (default: none).
 """
 from __future__ import annotations
 
@@ -58,6 +65,8 @@ class Method:
     identity: Callable[[object], dict] = config_fields
     extra_positions: Callable[[object], tuple[int, int]] = _no_positions
     hf: HFFormat | None = None
+    regularizer: Callable | None = None
+    wrap_optimizer: Callable | None = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
@@ -68,13 +77,15 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(name: str, config_cls: type, apply_fn: Callable[[nnx.Module, object], None], *,
                     trains_base: bool = False, describe: Callable | None = None, identity: Callable | None = None,
-                    extra_positions: Callable | None = None, hf: HFFormat | None = None) -> None:
+                    extra_positions: Callable | None = None, hf: HFFormat | None = None,
+                    regularizer: Callable | None = None, wrap_optimizer: Callable | None = None) -> None:
     """Register a PEFT method (see the module docstring for the hooks). One config class names one method."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
     hooks = {k: v for k, v in (("describe", describe), ("identity", identity),
                                ("extra_positions", extra_positions)) if v is not None}
-    _METHODS[name] = Method(name, config_cls, apply_fn, trains_base, **hooks, hf=hf)
+    _METHODS[name] = Method(name, config_cls, apply_fn, trains_base, **hooks, hf=hf, regularizer=regularizer,
+                            wrap_optimizer=wrap_optimizer)
 
 
 def registered_methods() -> list[str]:

@@ -15,7 +15,7 @@ from peftjax import partition
 from peftjax.errors import PeftjaxError
 from peftjax.studies.memory import method_run_config
 from peftjax.sharding import make_mesh, per_device_nbytes, put
-from peftjax.train import DTYPES, build, make_optimizer, peak_rss_bytes, step_memory
+from peftjax.train import DTYPES, build, make_optimizer, make_regularizer, peak_rss_bytes, step_memory
 from peftjax.train.placement import place
 from peftjax.train.probes import device_peak_bytes, warm_up_compiler
 
@@ -40,9 +40,9 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
     net = build(config, with_data=False).model
     load_peak = peak_rss_bytes()  # loading (and quantizing on load) is all this process has done so far
     vocab = net.config.vocab_size
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config.train, config.peft)
     placed = place(net, make_mesh(mesh or {}), optimizer, batch_size=batch, compute_dtype=DTYPES[compute_dtype],
-                   remat=remat)
+                   remat=remat, regularizer=make_regularizer(config.peft))
     del net
     trainable, frozen, opt_state, step = placed.trainable, placed.frozen, placed.opt_state, placed.step
     rng = np.random.default_rng(seed)

@@ -295,15 +295,15 @@ def measure_steps(model: str, method: str, *, rank: int = 8, targets: str | None
     import jax.numpy as jnp
 
     from peftjax import partition
-    from peftjax.train import build, make_optimizer, make_train_step, step_memory
+    from peftjax.train import build, make_optimizer, make_regularizer, make_train_step, step_memory
 
     config = method_run_config(method, model=model, rank=rank, targets=targets)
     config.model.remat = remat
     trained = build(config, with_data=False).model
     graphdef, trainable, frozen = partition.split(trained)
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config.train, config.peft)
     opt_state = optimizer.init(trainable)
-    step = make_train_step(graphdef, optimizer, jnp.float32, remat=remat)
+    step = make_train_step(graphdef, optimizer, jnp.float32, remat=remat, regularizer=make_regularizer(config.peft))
     return {b: step_memory(step.lower(trainable, opt_state, frozen, jnp.zeros((b, seq_len + 1), jnp.int32),
                                       None).compile())
             for b in batch_sizes}

@@ -28,7 +28,7 @@ from peftjax.peft import get_method
 from peftjax.quant.policy import rule_bits
 from peftjax.train.build import DTYPES, build
 from peftjax.train.checkpoint import Checkpointer, directory_bytes
-from peftjax.train.optim import make_optimizer
+from peftjax.train.optim import make_optimizer, make_regularizer
 from peftjax.train.placement import place
 from peftjax.train.probes import (device_peak_bytes, peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes,
                                   warm_up_compiler)
@@ -135,9 +135,10 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                            f"{model.config.max_position} positions; lower data.seq_len")
     tc = config.train
     compute_dtype = DTYPES[config.model.compute_dtype]
-    optimizer = make_optimizer(tc)
+    optimizer = make_optimizer(tc, config.peft)  # with the method's optimizer hook (AdaLoRA's rank allocator)
     placed = place(model, mesh, optimizer, rules=mc.rules, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                   compute_dtype=compute_dtype, remat=config.model.remat)  # the trees on the mesh, the step
+                   compute_dtype=compute_dtype, remat=config.model.remat,
+                   regularizer=make_regularizer(config.peft))  # the trees on the mesh, the step
     del model
     graphdef, trainable, frozen, opt_state = placed.graphdef, placed.trainable, placed.frozen, placed.opt_state
     step_fn, replicate = placed.step, placed.replicate
@@ -258,6 +259,8 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                 losses.append(loss)
             record = {"step": step + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "step_s": dt,
                       "tokens_per_s": real_tokens / dt, "skipped": not finite}
+            if "regularizer" in metrics:  # a method's extra loss term (AdaLoRA's orthogonality)
+                record["regularizer"] = float(metrics["regularizer"])
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps or not finite:
                 log(record)
             if consecutive >= tc.max_nonfinite:

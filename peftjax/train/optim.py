@@ -2,9 +2,13 @@
 or constant schedules, and per-group peak learning rates (``optax.partition`` over the trainable variable types)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 from flax import nnx
+
+from peftjax.peft import method_for_config
 
 from peftjax.variables import Trainable, trainable_groups
 
@@ -42,9 +46,12 @@ def make_schedule(tc, peak: float) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, tc.warmup_steps), after], [tc.warmup_steps])
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
+def make_optimizer(tc, peft_config=None) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decay masked to matrices) per group: ``train.group_learning_rates`` sets
     a peak rate per trainable variable type (e.g. ``prompt`` vs ``lora``) through ``optax.partition``.
+
+    ``peft_config`` (the run's ``peft`` section): a method with a ``wrap_optimizer`` hook wraps the part after
+    clipping (it then sees the clipped gradients, the parameters and AdamW's updates: AdaLoRA's rank allocator).
 
     AdamW is optax's own chain (Adam's scaling, decoupled decay, the rate) with the rate split in two: the shape
     of the schedule (warmup and cosine, peak 1) and the peak itself, an ``optax.inject_hyperparams`` value held in
@@ -57,9 +64,21 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
     if tc.group_learning_rates:
-        parts.append(optax.partition({g: adamw(tc.group_learning_rates.get(g, tc.learning_rate))
-                                      for g in trainable_groups()},
-                                     lambda params: param_groups(params, tc.group_learning_rates)))
+        inner = optax.partition({g: adamw(tc.group_learning_rates.get(g, tc.learning_rate))
+                                 for g in trainable_groups()},
+                                lambda params: param_groups(params, tc.group_learning_rates))
     else:
-        parts.append(adamw(tc.learning_rate))
-    return optax.chain(*parts)
+        inner = adamw(tc.learning_rate)
+    method = None if peft_config is None else method_for_config(peft_config)
+    if method is not None and method.wrap_optimizer is not None:
+        inner = method.wrap_optimizer(peft_config, inner, tc.steps)
+    return optax.chain(*parts, inner)
+
+
+def make_regularizer(peft_config):
+    """``model -> scalar``: the run's method's ``regularizer`` hook bound to its config (None when it has none),
+    the ``regularizer`` of :func:`peftjax.train.step.make_train_step`."""
+    method = method_for_config(peft_config)
+    if method.regularizer is None:
+        return None
+    return functools.partial(method.regularizer, config=peft_config)

@@ -56,7 +56,7 @@ def lm_loss(graphdef, trainable, frozen, batch, compute_dtype=jnp.float32):
 
 
 def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=causal_lm_loss, grad_accum: int = 1,
-                    remat: bool = False, shardings=None):
+                    remat: bool = False, shardings=None, regularizer=None):
     """The jitted step; ``trainable`` and ``opt_state`` are donated, ``frozen`` is never differentiated.
 
     With ``grad_accum > 1`` the batch has a leading micro-batch axis; gradients of the summed loss are
@@ -70,6 +70,10 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
     (:mod:`peftjax.sharding`) makes it one SPMD program over their mesh: the arguments come in and the updated
     state goes out with those layouts (the donated buffers are reused in place), the metrics replicated; the step
     is then called with all five arguments (``dropout_key`` None without dropout).
+
+    ``regularizer`` (``model -> scalar``, a method's ``regularizer`` hook: :func:`peftjax.train.optim.make_regularizer`)
+    is added once per step to the mean loss that is differentiated; ``metrics["loss"]`` stays the data loss and
+    ``metrics["regularizer"]`` reports the term.
     """
     def terms(trainable, frozen, batch, key):
         model = partition.merge(graphdef, trainable, frozen)
@@ -80,6 +84,13 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
         return total / jnp.maximum(count, 1.0)
 
     def loss_and_grads(trainable, frozen, batch, key):
+        loss, grads = data_loss_and_grads(trainable, frozen, batch, key)
+        if regularizer is None:
+            return loss, grads, None
+        reg, reg_grads = jax.value_and_grad(lambda t: regularizer(partition.merge(graphdef, t, frozen)))(trainable)
+        return loss, jax.tree.map(jnp.add, grads, reg_grads), reg
+
+    def data_loss_and_grads(trainable, frozen, batch, key):
         if grad_accum == 1:
             return jax.value_and_grad(mean_loss)(trainable, frozen, batch, key)
 
@@ -96,9 +107,11 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
         return total / n, jax.tree.map(lambda g: g / n, grads)
 
     def step(trainable, opt_state, frozen, batch, dropout_key=None):
-        loss, grads = loss_and_grads(trainable, frozen, batch, dropout_key)
+        loss, grads, reg = loss_and_grads(trainable, frozen, batch, dropout_key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if reg is not None:
+            finite &= jnp.isfinite(reg)
 
         def update(state):
             params, opt = state
@@ -106,7 +119,10 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
             return optax.apply_updates(params, updates), opt
 
         trainable, opt_state = jax.lax.cond(finite, update, lambda state: state, (trainable, opt_state))
-        return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if reg is not None:
+            metrics["regularizer"] = reg
+        return trainable, opt_state, metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))

@@ -88,8 +88,8 @@ def test_rank_larger_than_layer_allows():
 
 
 def test_unknown_method_lists_registered():
-    with pytest.raises(PeftjaxError, match="registered methods: full, ia3, loha, lokr, lora, oft, prefix, prompt, "
-                                           "qalora, selective, vera"):
+    with pytest.raises(PeftjaxError, match="registered methods: adalora, full, ia3, loha, lokr, lora, oft, prefix, "
+                                           "prompt, qalora, selective, vera"):
         peft.get_method("lorax")
 
 
