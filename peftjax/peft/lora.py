@@ -11,6 +11,9 @@ Inits (``init``):
                 B = (Q_r)^T (orthonormal rows), and W becomes W - s A B, as Hugging Face PEFT's init="olora".
     "loftq"     (Li et al. 2023) alternate Q = quantize(W - s B A) and (A, B) = top-r SVD of W - Q, so that
                 Q + s B A ~ W better than Q alone; the base becomes quantized in ``loftq_format``.
+    "eva"       (Paischer et al. 2024) data-driven: A = the top principal directions of each layer's inputs on the first
+                ``eva_batches`` training batches, B = 0, ranks redistributed by explained variance (up to ``eva_rho`` r);
+                needs data, so it is :func:`peftjax.peft.eva.eva_init`, not ``peft.apply`` (a run config does it itself).
 DoRA (Liu et al. 2024, ``dora=True``): a magnitude vector m (init ||W||, per output column) rescales the adapted
 weight's columns: y = m * (W + s B A) x / ||W + s B A||, the norm treated as a constant in the backward pass (§4.3).
 
@@ -78,6 +81,11 @@ class LoRAConfig:
     qat_block_size: int = 64
     freeze_a: bool = False  # LoRA-FA: A stays at its init, only B trains
     seed: int = 0
+    # EVA (init="eva", peftjax.peft.eva): HF PEFT's EvaConfig defaults for rho, tau and the scaling adjustment
+    eva_rho: float = 2.0  # a layer gets at most rho * rank components; rho = 1: every layer keeps its rank
+    eva_tau: float = 0.99  # stop reading batches once each used component's |cos| to its previous estimate >= tau
+    eva_batches: int = 8  # at most this many training batches (the run's first ones) feed the statistics
+    eva_adjust_scaling: bool = True  # alpha scales with the allotted rank (alpha * r_new / r), as HF PEFT's default
 
     def __post_init__(self):
         check_lora_config(self)
@@ -315,7 +323,8 @@ def loftq_layer_init(layer: LoRALinear, config: "LoRAConfig") -> None:
 
 
 # A's random draw per init name; inits that derive the factors from W also rewrite the layer after it is built
-INITS = {"default": kaiming_a, "gaussian": gaussian_a, "pissa": kaiming_a, "olora": kaiming_a, "loftq": kaiming_a}
+INITS = {"default": kaiming_a, "gaussian": gaussian_a, "pissa": kaiming_a, "olora": kaiming_a, "loftq": kaiming_a,
+         "eva": kaiming_a}  # EVA's A comes from data: peftjax.peft.eva.eva_init
 FROM_WEIGHTS = {"pissa": pissa_init, "olora": olora_init, "loftq": loftq_layer_init}
 
 
@@ -342,10 +351,19 @@ def check_lora_config(config: "LoRAConfig") -> None:
         get_format(config.qat_format)  # unknown formats fail here, listing the known ones
     if config.layers_to_transform is not None and not isinstance(config.layers_to_transform, (tuple, list)):
         raise PeftjaxError(f"layers_to_transform must be a list of layer indices, got {config.layers_to_transform!r}")
+    if config.eva_rho < 1.0:
+        raise PeftjaxError(f"LoRA eva_rho must be >= 1 (1: no rank redistribution), got {config.eva_rho}")
+    if not 0.0 <= config.eva_tau <= 1.0:
+        raise PeftjaxError(f"LoRA eva_tau must be in [0, 1], got {config.eva_tau}")
+    if config.eva_batches < 1:
+        raise PeftjaxError(f"LoRA eva_batches must be >= 1, got {config.eva_batches}")
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig) -> None:
     check_lora_config(config)
+    if config.init == "eva":
+        raise PeftjaxError("LoRA init='eva' needs data: use peftjax.peft.eva.eva_init(model, batches, config) "
+                           "(a run config with peft.init: eva does this with its first training batches)")
     keep = None
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)

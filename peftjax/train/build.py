@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 
 import jax
@@ -48,9 +49,10 @@ def load_base(config: RunConfig):
     return from_pretrained(mc.name, dtype=dtype, num_layers=mc.num_layers)
 
 
-def build_model(config: RunConfig, base=None):
+def build_model(config: RunConfig, base=None, data: "TaskData | None" = None):
     """(model, tokenizer): the base (loaded, and quantized by ``config.quant``, unless given), the method applied;
-    an encoder first gets its classification head (``data.task: classify``), which every method trains."""
+    an encoder first gets its classification head (``data.task: classify``), which every method trains. LoRA's
+    data-driven init EVA reads ``data`` (loaded from the config when not given)."""
     from peftjax.models import BertModel
 
     model, tokenizer = base if base is not None else load_base(config)
@@ -65,12 +67,46 @@ def build_model(config: RunConfig, base=None):
     elif dc.pooling is not None:
         raise PeftjaxError(f"data.pooling is for encoders (a classifier head); {config.model.name!r} is a decoder, "
                            "which classifies by verbalizer: remove data.pooling")
-    model = peft.apply(model, config.peft)
+    model = _apply_method(model, tokenizer, config, data)
     if config.model.scan_layers:
         if isinstance(model, BertModel):
             raise PeftjaxError("model.scan_layers scans decoder layers; an encoder does not use it: set it false")
         model.scan_layers = True
     return model, tokenizer
+
+
+# ---- EVA (LoRA init="eva", peftjax.peft.eva): the one init that reads training data ----
+def _apply_method(model, tokenizer, config: RunConfig, data: "TaskData | None"):
+    """``peft.apply``; for EVA, LoRA initialised from the run's first training batches. Data order and statistics
+    are deterministic, so every build of a config (training, --resume, ``load_run``) gets the same ranks."""
+    if getattr(config.peft, "init", None) != "eva":
+        return peft.apply(model, config.peft)
+    if tokenizer is None:  # a shape-only build (memory estimates) has no data: the ranks before redistribution
+        return peft.apply(model, dataclasses.replace(config.peft, init="default"))
+    from peftjax.peft.eva import eva_init
+
+    data = data if data is not None else load_data(config, tokenizer)
+    eva = eva_init(model, eva_batches(config, data, isinstance(tokenizer, EncoderTokenizer)), config.peft)
+    ranks = list(eva.ranks.values())
+    print(f"peftjax: EVA init from {eva.batches} batches ({eva.tokens} tokens{', converged' if eva.converged else ''}):"
+          f" ranks {min(ranks)}..{max(ranks)} over {len(ranks)} layers, total {sum(ranks)}", file=sys.stderr)
+    return eva.model
+
+
+def eva_batches(config: RunConfig, data: "TaskData", encoder: bool = False):
+    """The run's first ``peft.eva_batches`` micro-batches in its data order for ``train.seed``, as (input ids,
+    mask of the real tokens): a decoder reads ``tokens[:, :-1]``, an encoder its whole row."""
+    from peftjax.data import index_batches
+
+    order = index_batches(len(data.train), config.train.batch_size, config.train.seed)
+    for _ in range(config.peft.eva_batches):
+        rows = next(order)
+        ids = data.train.tokens[rows] if encoder else data.train.tokens[rows][:, :-1]
+        lengths = data.train.lengths
+        mask = (np.ones(ids.shape, np.float32) if lengths is None else
+                (np.arange(ids.shape[1])[None, :] < lengths[rows][:, None]).astype(np.float32))
+        yield ids, mask
+# ---- end EVA ----
 
 
 def _labels(config: RunConfig) -> list[str]:
@@ -86,9 +122,12 @@ class Built:
 
 def build(config: RunConfig, *, with_data: bool = True) -> Built:
     """Model, tokenizer and (unless ``with_data=False``) the task's data for ``config``."""
-    model, tokenizer = build_model(config, load_base(config))
-    data = load_data(config, tokenizer) if with_data else None
-    return Built(model, tokenizer, data)
+    base = load_base(config)
+    data = load_data(config, base[1]) if getattr(config.peft, "init", None) == "eva" else None  # EVA reads it
+    model, tokenizer = build_model(config, base, data)
+    if with_data and data is None:
+        data = load_data(config, tokenizer)
+    return Built(model, tokenizer, data if with_data else None)
 
 
 @dataclasses.dataclass
