@@ -10,7 +10,8 @@ inputs, as Hugging Face PEFT's incremental PCA) become the rows of A, and B = 0,
 
 Rank redistribution (``eva_rho`` >= 1): each layer may take up to round(rho * r) components, from one pool of
 sum(r) ranks (n_layers * r for a uniform rank) awarded to the largest explained-variance ratios (eigenvalue /
-trace) over all layers; ties go to the earlier layer in model order. Every layer is then built at its own
+trace) over all layers; ties go to the layer the forward calls first (of q / k / v, which read one input, q: as
+Hugging Face PEFT, which gives a group's first layer the largest share). Every layer is then built at its own
 allotted rank (a layer allotted 0 stays the plain base layer), so training is the ordinary jitted LoRA step and an
 HF export carries the ranks as ``rank_pattern``. With ``eva_adjust_scaling`` (HF's default) alpha becomes
 alpha * r_new / r, so every layer keeps the scale alpha / r whatever its rank.
@@ -72,7 +73,7 @@ class _Tap(nnx.Module):
 @dataclasses.dataclass
 class EvaResult:
     model: nnx.Module  # the LoRA model, each target at its allotted rank (0: left as its base layer)
-    ranks: dict[str, int]  # {target path: allotted rank}, in model order
+    ranks: dict[str, int]  # {target path: allotted rank}, in the order the forward calls the targets
     ratios: dict[str, np.ndarray]  # {target path: explained-variance ratios of its first max_components components}
     components: dict[str, np.ndarray]  # {target path: (max_components, d_in) principal directions, rows unit}
     batches: int  # batches read
@@ -117,7 +118,7 @@ def _statistics_fn(graphdef, is_encoder: bool):
             if x.shape[0] != w.shape[0]:
                 raise PeftjaxError(f"EVA: {path} sees {x.shape[0]} positions for {w.shape[0]} tokens")
             mean = (w @ x) / jnp.maximum(n, 1.0)
-            xc = (x - mean) * w[:, None]
+            xc = (x - mean[None, :]) * w[:, None]
             out[path] = (n, mean, xc.T @ xc)
         return out
 
@@ -198,10 +199,12 @@ def eva_init(model: nnx.Module, batches: Iterable, config: LoRAConfig) -> EvaRes
         one = stats_fn(state, jnp.asarray(ids), jnp.asarray(mask))
         total = one if total is None else _merge(total, one)
         used += 1
-        if used == 1 and set(aliases) != set(layers):
-            missing = sorted(set(layers) - set(aliases))
-            raise PeftjaxError(f"EVA: the forward never called {', '.join(missing[:3])}; EVA needs every target "
-                               "to run in the model's forward pass")
+        if used == 1:
+            if set(aliases) != set(layers):
+                missing = sorted(set(layers) - set(aliases))
+                raise PeftjaxError(f"EVA: the forward never called {', '.join(missing[:3])}; EVA needs every target "
+                                   "to run in the model's forward pass")
+            layers = {p: layers[p] for p in aliases}  # the order the forward calls them (q, k, v, o, gate, ...)
         need = {}  # components per source: the most any layer reading it may take (HF: the group's maximum)
         for p in layers:
             need[aliases[p]] = max(need.get(aliases[p], 0), max_comp[p])
