@@ -114,7 +114,7 @@ def check_schedule(config: AdaLoRAConfig, total: int, what: str = "train.steps")
 
 def adalora_weight(a_DR, e_R, b_RO, scale) -> jax.Array:
     """ΔW = s P diag(λ) Q in the (d_in, d_out) layout of the base weight."""
-    return (a_DR * e_R) @ b_RO * scale
+    return (a_DR * e_R[None, :]) @ b_RO * scale
 
 
 class AdaLoRALinear(AdapterLinear):
@@ -137,7 +137,8 @@ class AdaLoRALinear(AdapterLinear):
         if self.bypass():
             return y
         h = input_dropout(x, self.dropout, key) @ self.adalora_a[...].astype(x.dtype)
-        return y + (h * self.adalora_e[...].astype(x.dtype)) @ (self.adalora_b[...].astype(x.dtype) * self.scale)
+        e = self.adalora_e[...].astype(x.dtype).reshape((1,) * (h.ndim - 1) + (self.rank,))
+        return y + (h * e) @ (self.adalora_b[...].astype(x.dtype) * self.scale)
 
 
 def apply_adalora(model, config: AdaLoRAConfig) -> None:
