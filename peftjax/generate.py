@@ -7,25 +7,28 @@ Use :func:`peftjax.peft.disable_adapters` around a call to decode with the base 
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import KVCache
+from peftjax.peft import mixed_adapters
 
 
 @nnx.jit
-def _prefill(model, ids_BT, cache, prompt_len):
-    """The prompt's cache and the logits after its last real token: ``ids_BT`` is the prompt right-padded to a
-    bucket, so prompts of similar lengths share one compiled prefill. Causal attention keeps the padding out of
-    the real positions, and the cache's length is set back to the real tokens: the next decode step writes its
-    key over the first padded slot before any query can see that slot."""
+def _prefill(model, ids_BT, cache, prompt_len_B):
+    """The prompts' cache and the logits after each one's last real token: ``ids_BT`` holds the prompts
+    right-padded to a bucket, so prompts of similar lengths share one compiled prefill. Causal attention keeps the
+    padding out of the real positions, and each example's cache length is set back to its real tokens: its next
+    decode step writes its key over its first padded slot before any query can see that slot."""
     start = cache.length
     logits, cache = model(ids_BT, cache=cache)
-    n_real = prompt_len + model.num_virtual_tokens()
-    cache = KVCache(cache.keys, cache.values, start + n_real)
-    return jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False), cache
+    cache = KVCache(cache.keys, cache.values, start + prompt_len_B + model.num_virtual_tokens())
+    last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)
+    return last[:, 0], cache
 
 
 @nnx.jit
@@ -74,24 +77,50 @@ def prefill_length(model, prompt_len: int, slots: int) -> int:
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None,
                     temperature: float = 0.0, seed: int = 0) -> list[int]:
     """New token ids after ``prompt_ids`` (greedy when temperature is 0, else sampled)."""
-    check_generation(model, len(prompt_ids), max_new_tokens, temperature)
-    slots = cache_slots(model, len(prompt_ids) + max_new_tokens)
-    cache = KVCache.empty(model.config, 1, slots)
-    padded = list(prompt_ids) + [0] * (prefill_length(model, len(prompt_ids), slots) - len(prompt_ids))
-    logits, cache = _prefill(model, jnp.asarray([padded], jnp.int32), cache,
-                             jnp.asarray(len(prompt_ids), jnp.int32))
+    return generate_batch(model, [prompt_ids], max_new_tokens, eos_id=eos_id, temperature=temperature, seed=seed)[0]
+
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, adapters: list[str | None] | None = None,
+                   eos_id: int | None = None, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """New token ids after each of ``prompts``, decoded together as one batch (greedy when temperature is 0, else
+    sampled). Prompts may differ in length: each example keeps its own cache length, positions and mask.
+
+    ``adapters``: the named LoRA adapter each example decodes with (None: the base), as in
+    :func:`peftjax.peft.mixed_adapters` — one batch serves several adapters in every step (the S-LoRA / Punica
+    pattern: each layer computes x A for the stacked adapters and keeps each row's own). An example stops at
+    ``eos_id`` (included); the batch stops when every example has.
+    """
+    if not prompts:
+        raise PeftjaxError("no prompts to generate from; give at least one")
+    if adapters is not None and len(adapters) != len(prompts):
+        raise PeftjaxError(f"{len(adapters)} adapter names for {len(prompts)} prompts; give one name (or None) per "
+                           "prompt")
+    lengths = [len(p) for p in prompts]
+    for n in lengths:
+        check_generation(model, n, max_new_tokens, temperature)
+    slots = cache_slots(model, max(lengths) + max_new_tokens)
+    width = prefill_length(model, max(lengths), slots)
+    ids = jnp.asarray([list(p) + [0] * (width - len(p)) for p in prompts], jnp.int32)
+    cache = KVCache.empty(model.config, len(prompts), slots, per_example=True)
+    rows = contextlib.nullcontext() if adapters is None else mixed_adapters(model, adapters)
     key = jax.random.key(seed)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            key, sub = jax.random.split(key)
-            nxt = int(jax.random.categorical(sub, logits[0] / temperature))
-        else:
-            nxt = int(jnp.argmax(logits[0]))
-        out.append(nxt)
-        if eos_id is not None and nxt == eos_id:
-            break
-        logits, cache = _decode_step(model, jnp.asarray([[nxt]], jnp.int32), cache)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    with rows:
+        logits, cache = _prefill(model, ids, cache, jnp.asarray(lengths, jnp.int32))
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                key, sub = jax.random.split(key)
+                nxt = jax.random.categorical(sub, logits / temperature, axis=-1)
+            else:
+                nxt = jnp.argmax(logits, axis=-1)
+            for i, token in enumerate(map(int, nxt)):
+                if not done[i]:
+                    out[i].append(token)
+                    done[i] = eos_id is not None and token == eos_id
+            if all(done):
+                break
+            logits, cache = _decode_step(model, nxt[:, None].astype(jnp.int32), cache)
     return out
 
 

@@ -47,3 +47,31 @@ def test_prompts_of_one_bucket_share_the_compiled_prefill():
     for prompt, new in zip(prompts, outs):
         logits = forward(model, jnp.asarray([prompt + new]))
         assert new == [int(t) for t in jnp.argmax(logits[0, len(prompt) - 1:-1], axis=-1)]
+
+
+def test_one_batch_decodes_prompts_of_different_lengths_with_different_adapters(randomise):
+    """Batched multi-adapter generation (S-LoRA style): rows of 3, 9 and 5 tokens, each with its own adapter (or
+    the base), decoded in one batch, equal each row decoded alone with that adapter set."""
+    from peftjax.generate import generate_batch
+
+    model = peft.apply(tiny_model(), peft.LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
+    model = peft.add_adapter(model, "two", peft.LoRAConfig(rank=2, alpha=4.0, targets=("v_proj", "down_proj"),
+                                                           seed=1))
+    model = randomise(model, peft.LoRA, scale=0.5)
+    prompts = [[3, 1, 4], [2, 7, 1, 8, 2, 8, 1, 8, 2], [5, 9, 2, 6, 5]]
+    names = ["two", None, "default"]
+    batched = generate_batch(model, prompts, 6, adapters=names)
+    alone = []
+    for prompt, name in zip(prompts, names):
+        peft.set_adapter(model, name)
+        alone.append(greedy_generate(model, prompt, 6))
+    assert batched == alone
+    assert alone[0] != alone[2] or alone[1] != alone[2]  # the adapters change the continuations
+    # without adapters: each row as decoded alone; an end-of-sequence token stops its row only
+    peft.set_adapter(model, None)
+    plain = generate_batch(model, prompts, 6)
+    assert plain == [greedy_generate(model, p, 6) for p in prompts]
+    eos = plain[1][2]
+    stopped = generate_batch(model, prompts, 6, eos_id=eos)
+    for row, full in zip(stopped, plain):
+        assert row == (full[:full.index(eos) + 1] if eos in full else full)

@@ -162,7 +162,8 @@ class RMSNorm(nnx.Module):
 def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array, *,
                   scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """softmax(s(q k^T * scale) + mask) v with grouped-query attention (N query heads share K kv heads); scale is
-    d^-1/2 unless given, s(z) = c tanh(z / c) with ``softcap`` c (Gemma 2), else s(z) = z.
+    d^-1/2 unless given, s(z) = c tanh(z / c) with ``softcap`` c (Gemma 2), else s(z) = z. The mask is (T, S) for
+    every example, or (B, T, S).
 
     The G = N/K query heads of a kv head are stacked along the query axis, so each kv head does one
     (G*T, d) x (d, S) matmul: on CPU this runs forward + backward about twice as fast as
@@ -176,8 +177,9 @@ def gqa_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) * (H ** -0.5 if scale is None else scale)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    mask = jnp.tile(mask_TS, (G, 1))  # (G*T, S): row g*T + t is query t of group member g
-    scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+    # (G*T, S), or (B, G*T, S) for a per-example mask: row g*T + t is query t of group member g
+    mask = jnp.tile(mask_TS, (1,) * (mask_TS.ndim - 2) + (G, 1))
+    scores = jnp.where(mask[None, None] if mask.ndim == 2 else mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v)  # (B, K, G*T, H)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -190,14 +192,16 @@ class KVCache:
 
     keys: list[jax.Array]  # per layer (B, S_max, K, hd)
     values: list[jax.Array]
-    length: jax.Array  # int32 scalar
+    length: jax.Array  # int32: a scalar (every example filled alike), or (B,) per example (a batch of prompts of
+    # different lengths: each example writes at, and attends up to, its own length)
 
     @classmethod
-    def empty(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def empty(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+              per_example: bool = False) -> "KVCache":
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         return cls(keys=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
                    values=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-                   length=jnp.zeros((), jnp.int32))
+                   length=jnp.zeros((batch,) if per_example else (), jnp.int32))
 
 
 def attention_mask(q_positions_T: jax.Array, num_keys: int, window: int | None) -> jax.Array:
@@ -248,9 +252,14 @@ class Attention(nnx.Module):
             mask = attention_mask(jnp.arange(T), T, self.window)
         else:
             ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
-            mask = attention_mask(cache_length + jnp.arange(T), ck.shape[1], self.window)  # over the filled cache
+            if cache_length.ndim == 0:
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
+                mask = attention_mask(cache_length + jnp.arange(T), ck.shape[1], self.window)  # the filled cache
+            else:  # each example at its own length
+                put = jax.vmap(lambda c, u, at: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (at, 0, 0)))
+                ck, cv = put(ck, k, cache_length), put(cv, v, cache_length)
+                mask = jax.vmap(lambda at: attention_mask(at + jnp.arange(T), ck.shape[1], self.window))(cache_length)
             new_kv = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         prefix = None if self.prefix is None else self.prefix()
@@ -259,7 +268,7 @@ class Attention(nnx.Module):
             L = pk.shape[0]
             k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (B, *pk.shape)), k], axis=1)
             v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (B, *pv.shape)), v], axis=1)
-            mask = jnp.concatenate([jnp.ones((T, L), bool), mask], axis=1)
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], L), bool), mask], axis=-1)
         out = gqa_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim), sub_key(key, 3)), new_kv
 
@@ -431,7 +440,7 @@ class LlamaForCausalLM(nnx.Module):
             raise PeftjaxError(f"{prefix}{n_virtual} virtual prompt tokens + {T_in} input tokens exceed the context "
                                f"of {self.config.max_position}; shorten the input or use fewer virtual tokens")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length  # first free cache slot
-        positions = jnp.broadcast_to(n_prefix + start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = n_prefix + jnp.broadcast_to(start, (B,))[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         c = self.config
         rope = {False: rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling, max_position=c.max_position)}
         if c.local_rope_theta is not None:  # Gemma 3: sliding-window layers rotate with their own base, unscaled
