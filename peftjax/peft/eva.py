@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 import jax
@@ -93,36 +94,36 @@ def _as_batch(batch) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _statistics_fn(graphdef, is_encoder: bool):
-    """A jitted (state, ids, mask) -> ({source path: (n, mean, scatter)}, {path: source path})."""
-    aliases = {}
+_ALIASES: dict = {}  # {graphdef: {target path: path of the first target that read the same traced input}}
 
-    @jax.jit
-    def stats(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        with _recording() as tape:
-            if is_encoder:
-                model(ids, attention_mask=mask)
-            else:
-                model(ids)  # only the taps' statistics are returned: XLA drops the unused logits
-        w = mask.reshape(-1)
-        n = jnp.sum(w)
-        out, first = {}, []
-        for path, x in tape:
-            same = next((p for p, seen in first if seen is x), None)  # q/k/v, gate/up: one traced input
-            aliases[path] = same or path
-            if same is not None:
-                continue
-            first.append((path, x))
-            x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            if x.shape[0] != w.shape[0]:
-                raise PeftjaxError(f"EVA: {path} sees {x.shape[0]} positions for {w.shape[0]} tokens")
-            mean = (w @ x) / jnp.maximum(n, 1.0)
-            xc = (x - mean[None, :]) * w[:, None]
-            out[path] = (n, mean, xc.T @ xc)
-        return out
 
-    return stats, aliases
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_statistics(graphdef, is_encoder: bool, state, ids, mask):
+    """{source path: (count, mean, centred scatter)} of one batch; compiled once per tapped model structure (tracing
+    records which targets read the same input in ``_ALIASES[graphdef]``)."""
+    aliases = _ALIASES.setdefault(graphdef, {})
+    model = nnx.merge(graphdef, state)
+    with _recording() as tape:
+        if is_encoder:
+            model(ids, attention_mask=mask)
+        else:
+            model(ids)  # only the taps' statistics are returned: XLA drops the unused logits
+    w = mask.reshape(-1)
+    n = jnp.sum(w)
+    out, first = {}, []
+    for path, x in tape:
+        same = next((p for p, seen in first if seen is x), None)  # q/k/v, gate/up: one traced input
+        aliases[path] = same or path
+        if same is not None:
+            continue
+        first.append((path, x))
+        x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if x.shape[0] != w.shape[0]:
+            raise PeftjaxError(f"EVA: {path} sees {x.shape[0]} positions for {w.shape[0]} tokens")
+        mean = (w @ x) / jnp.maximum(n, 1.0)
+        xc = (x - mean[None, :]) * w[:, None]
+        out[path] = (n, mean, xc.T @ xc)
+    return out
 
 
 @jax.jit
@@ -183,7 +184,7 @@ def eva_init(model: nnx.Module, batches: Iterable, config: LoRAConfig) -> EvaRes
     if hasattr(tapped, "scan_layers"):
         tapped.scan_layers = False  # the taps record per layer, outside any scan
     graphdef, state = nnx.split(tapped)
-    stats_fn, aliases = _statistics_fn(graphdef, isinstance(model, BertModel))
+    is_encoder = isinstance(model, BertModel)
 
     cap = {p: min(m.d_in, m.d_out) for p, m in layers.items()}
     max_comp = {p: min(round(m.rank * config.eva_rho), cap[p]) for p, m in layers.items()}
@@ -196,7 +197,8 @@ def eva_init(model: nnx.Module, batches: Iterable, config: LoRAConfig) -> EvaRes
         if used >= config.eva_batches:
             break
         ids, mask = _as_batch(batch)
-        one = stats_fn(state, jnp.asarray(ids), jnp.asarray(mask))
+        one = _batch_statistics(graphdef, is_encoder, state, jnp.asarray(ids), jnp.asarray(mask))
+        aliases = _ALIASES[graphdef]
         total = one if total is None else _merge(total, one)
         used += 1
         if used == 1:

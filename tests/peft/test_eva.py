@@ -63,18 +63,24 @@ def principal(x: np.ndarray):
     return vt, s ** 2 / np.sum(s ** 2)
 
 
+@pytest.fixture(scope="module")
+def svds(captured):
+    """{path: (right singular vectors, explained-variance ratios)} of each layer's captured inputs."""
+    return {p: principal(x) for p, x in captured.items()}
+
+
 def eva(base, batches, **kw):
     return eva_init(base, batches, LoRAConfig(rank=RANK, init="eva", eva_tau=1.0, eva_batches=len(batches), **kw))
 
 
-def test_a_spans_top_principal_directions_and_b_zero(base, batches, captured):
+def test_a_spans_top_principal_directions_and_b_zero(base, batches, captured, svds):
     result = eva(base, batches, eva_rho=1.0)
     assert result.batches == len(batches) and result.tokens == sum(b.size for b in batches)
     layers = adapter_modules(result.model, LoRALinear)
     assert set(layers) == set(captured) and len(layers) == 14
     worst = 0.0
     for path, layer in layers.items():
-        vt, ratio = principal(captured[path])
+        vt, ratio = svds[path]
         a = np.asarray(layer.lora_a[...], np.float64)  # (d_in, r)
         assert a.shape == (layer.d_in, RANK) and layer.rank == RANK
         cos = np.abs(np.sum(a.T * vt[:RANK], axis=1))
@@ -86,11 +92,11 @@ def test_a_spans_top_principal_directions_and_b_zero(base, batches, captured):
     np.testing.assert_array_equal(np.asarray(result.model(ids)), np.asarray(base(ids)))  # B = 0: the base exactly
 
 
-def closed_form_ranks(captured, order, rank, rho):
+def closed_form_ranks(svds, order, rank, rho):
     """The n_layers * rank largest explained-variance ratios over every layer's first rho * rank components; ties to
     the layer called first (``order``)."""
     k = round(rank * rho)
-    pool = [(-principal(captured[p])[1][i], j, i) for j, p in enumerate(order) for i in range(k)]
+    pool = [(-svds[p][1][i], j, i) for j, p in enumerate(order) for i in range(k)]
     counts = dict.fromkeys(order, 0)
     for _, j, _ in sorted(pool)[: len(order) * rank]:
         counts[order[j]] += 1
@@ -98,23 +104,24 @@ def closed_form_ranks(captured, order, rank, rho):
 
 
 @pytest.mark.parametrize("rho", [2.0, 3.0])
-def test_rank_redistribution_closed_form(base, batches, captured, rho):
+def test_rank_redistribution_closed_form(base, batches, captured, svds, rho):
     result = eva(base, batches, eva_rho=rho)
     order = list(captured)  # the order the forward called the layers
-    expected = closed_form_ranks(captured, order, RANK, rho)
+    expected = closed_form_ranks(svds, order, RANK, rho)
     assert result.ranks == expected
     assert sum(result.ranks.values()) == len(order) * RANK and len(set(expected.values())) > 2
     assert max(expected.values()) <= round(rho * RANK)
     layers = adapter_modules(result.model, LoRALinear)
     assert {p: m.rank for p, m in layers.items()} == {p: r for p, r in expected.items() if r}
     for path, layer in layers.items():  # A still the top directions, and alpha scaled so the scale stays alpha / r
-        vt, _ = principal(captured[path])
+        vt, _ = svds[path]
         cos = np.abs(np.sum(np.asarray(layer.lora_a[...], np.float64).T * vt[:layer.rank], axis=1))
         assert np.max(np.abs(cos - 1.0)) < 1e-4
         assert layer.scale == pytest.approx(16.0 / RANK)
+    linears = modules_of_type(result.model, Linear)
     for path, r in expected.items():  # a layer allotted nothing stays its plain base layer
         if r == 0:
-            assert type(dict(modules_of_type(result.model, Linear))[path]) is Linear
+            assert type(linears[path]) is Linear
 
 
 def test_plain_apply_is_a_one_line_error_and_bad_fields(base):
