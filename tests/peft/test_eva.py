@@ -158,7 +158,7 @@ def test_quantized_base(base, batches, captured):
 
 def test_matches_hf_peft_live_eva(tmp_path):
     """HF PEFT's ``initialize_lora_eva_weights`` on a transformers Llama with the same weights: same ranks, same A
-    up to sign. One batch (HF cycles it: the second pass leaves its incremental PCA unchanged, so it converges),
+    (same sign convention too). One batch (HF cycles it: the second pass leaves its incremental PCA unchanged, so it converges),
     and 2 * max components >= every d_in, so HF's randomized ``svd_lowrank`` (q = 2 * components) is exact."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -193,6 +193,7 @@ def test_matches_hf_peft_live_eva(tmp_path):
         ours = np.asarray(layers[path].lora_a[...]).T  # (r, d_in), HF's layout
         cos = np.abs(np.sum(ours * a, axis=1)) / np.linalg.norm(a, axis=1)
         np.testing.assert_allclose(cos, 1.0, atol=1e-4, err_msg=path)
+        np.testing.assert_allclose(ours, a, atol=1e-4, err_msg=path)  # same sign rule too (largest |entry| > 0)
         assert layers[path].scale == pytest.approx(pm.base_model.model.get_submodule(
             "model." + path).scaling["default"])
 
