@@ -46,7 +46,8 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
-from peftjax.peft.api import (Adapter, AdapterLinear, adapter_modules, check_rank, input_dropout, register_method,
+from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
+                              check_unmerged, hf_number, hf_targets, input_dropout, module_names, register_method,
                               replace_matching)
 
 RANKNUM_EPS = 1e-5  # HF PEFT's scale is alpha / (ranknum + 1e-5)
@@ -120,9 +121,11 @@ def adalora_weight(a_DR, e_R, b_RO, scale) -> jax.Array:
 class AdaLoRALinear(AdapterLinear):
     mergeable = True
 
-    def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float, key: jax.Array):
+    def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float, key: jax.Array,
+                 config: AdaLoRAConfig | None = None):
         super().__init__(base)
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.config = config  # the schedule, for an HF PEFT export (static: a frozen dataclass)
         self.scale = alpha / (rank + RANKNUM_EPS)
         ka, kb = jax.random.split(key)
         self.adalora_a = AdaLoRA(INIT_STD * jax.random.normal(ka, (base.d_in, rank), jnp.float32))
@@ -147,7 +150,8 @@ def apply_adalora(model, config: AdaLoRAConfig) -> None:
     def make(path, base, _):
         check_rank(config.init_r, base, path, what="AdaLoRA init_r")
         key = jax.random.fold_in(root, zlib.crc32(path.encode()))  # each layer's draw depends on its path only
-        return AdaLoRALinear(base, rank=config.init_r, alpha=config.alpha, dropout=config.dropout, key=key)
+        return AdaLoRALinear(base, rank=config.init_r, alpha=config.alpha, dropout=config.dropout, key=key,
+                             config=config)
 
     replace_matching(model, Linear, config.targets, make, what="AdaLoRA target")
 
@@ -296,9 +300,72 @@ def wrap_optimizer(config: AdaLoRAConfig, optimizer: optax.GradientTransformatio
     return rank_allocator(optimizer, config, config.total_steps(run_steps))
 
 
+# ---- Hugging Face PEFT's ADALORA adapters (the ``hf`` hook)
+# HF keeps torch's layout: lora_A (r, d_in) = P^T, lora_E (r, 1) = λ, lora_B (d_out, r) = Q^T. An adapter HF saved
+# after its allocator ran has a ``rank_pattern`` ({"model.<path>.lora_E": [kept?] * init_r}) and only the kept
+# triplets' rows; they are read into their places and the pruned ones left zero (the same ΔW).
+
+HF_OPTIONS = {"init_r": ("init_r", int), "target_r": ("target_r", int), "lora_alpha": ("alpha", float),
+              "tinit": ("tinit", int), "tfinal": ("tfinal", int), "deltaT": ("deltaT", int), "beta1": ("beta1", float),
+              "beta2": ("beta2", float), "orth_reg_weight": ("orth_reg_weight", float),
+              "total_step": ("total_step", int), "lora_dropout": ("dropout", float)}
+
+
+def read_hf_adalora(model, cfg: dict, tensors: HFTensors):
+    path = tensors.config_path
+    for key in ("use_dora", "use_rslora", "lora_bias"):
+        if cfg.get(key):
+            raise PeftjaxError(f"{path}: AdaLoRA with {key} is not supported here")
+    defaults = AdaLoRAConfig()
+    options = {ours: hf_number(cfg, hf, kind, path, getattr(defaults, ours))
+               for hf, (ours, kind) in HF_OPTIONS.items() if cfg.get(hf) is not None or hf != "total_step"}
+    config = AdaLoRAConfig(targets=hf_targets(cfg.get("target_modules"), path), **options)
+    adapted = apply(model, config)
+    pattern = cfg.get("rank_pattern") or {}
+    for p, layer in adapter_modules(adapted, AdaLoRALinear).items():
+        keep = pattern.get(f"model.{p}.lora_E", [True] * config.init_r)
+        if len(keep) != config.init_r:
+            raise PeftjaxError(f"{path}: rank_pattern of {p} has {len(keep)} entries for init_r {config.init_r}")
+        kept = np.flatnonzero(np.asarray(keep, bool))
+        a = np.zeros((layer.d_in, config.init_r), np.float32)
+        e = np.zeros((config.init_r,), np.float32)
+        b = np.zeros((config.init_r, layer.d_out), np.float32)
+        a[:, kept] = tensors.take(f"{p}.lora_A", (layer.d_in, len(kept)), transpose=True)
+        e[kept] = tensors.take(f"{p}.lora_E", (len(kept), 1))[:, 0]
+        b[kept] = tensors.take(f"{p}.lora_B", (len(kept), layer.d_out), transpose=True)
+        layer.adalora_a.set_value(a)
+        layer.adalora_e.set_value(e)
+        layer.adalora_b.set_value(b)
+    return adapted
+
+
+def write_hf_adalora(model):
+    """Every triplet (pruned ones with λ = 0, no ``rank_pattern``); ``total_step``: the config's, or when it followed
+    train.steps (which the model does not know) the least HF accepts, tinit + tfinal + 1 (HF's allocator needs it
+    to train on; inference ignores it)."""
+    layers = adapter_modules(model, AdaLoRALinear)
+    if not layers:
+        return None
+    check_unmerged(layers)
+    configs = {m.config for m in layers.values()}
+    if len(configs) > 1 or None in configs:
+        raise PeftjaxError("HF PEFT AdaLoRA export needs the layers of one AdaLoRA config (peft.apply)")
+    config = configs.pop()
+    tensors = {}
+    for p, m in layers.items():
+        tensors[f"{p}.lora_A"] = np.asarray(m.adalora_a[...]).T
+        tensors[f"{p}.lora_E"] = np.asarray(m.adalora_e[...])[:, None]
+        tensors[f"{p}.lora_B"] = np.asarray(m.adalora_b[...]).T
+    fields = {hf: getattr(config, ours) for hf, (ours, _) in HF_OPTIONS.items()}
+    if fields["total_step"] is None:
+        fields["total_step"] = config.tinit + config.tfinal + 1
+    return {**fields, "target_modules": module_names(layers), "rank_pattern": None,
+            "init_lora_weights": True}, tensors
+
+
 def describe(config: AdaLoRAConfig) -> dict:
     return {"rank": config.init_r, "target_r": config.target_r}
 
 
 register_method("adalora", AdaLoRAConfig, apply_adalora, describe=describe, regularizer=orth_regularizer,
-                wrap_optimizer=wrap_optimizer)
+                wrap_optimizer=wrap_optimizer, hf=HFFormat("ADALORA", read_hf_adalora, write_hf_adalora))

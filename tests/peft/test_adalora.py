@@ -236,3 +236,53 @@ def test_a_schedule_longer_than_the_run_is_a_one_line_cli_error(cli, tiny_args, 
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("peftjax: error: "), proc.stderr
     assert "tinit 2 + tfinal 3 must be less than the total steps 4 (train.steps)" in lines[0]
     assert not out.exists()
+
+
+def test_hf_peft_adalora_adapters_import_and_export_with_hf_logits(tmp_path):
+    """An HF PEFT AdaLoRA adapter (moved off its init, then pruned by a rank pattern as HF saves it after
+    allocation) loads here with HF's logits, and a peftjax AdaLoRA model saved here loads in HF with its logits."""
+    torch = pytest.importorskip("torch", reason="the interop extra (torch, peft) is not installed")
+    transformers = pytest.importorskip("transformers")
+    hf_peft = pytest.importorskip("peft")
+    from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_model
+
+    base_dir = save_hf_model(tiny_model(seed=1), tmp_path / "base")
+
+    def hf_base():
+        return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    def logits(model, ids):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor(np.asarray(ids))).logits.numpy()
+
+    ids = random_blocks(2, 7)
+    hf = hf_peft.get_peft_model(hf_base(), hf_peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    hf.peft_config["default"].rank_pattern = {  # what HF's allocator leaves: 2 of 4 triplets kept in each layer
+        f"model.layers.{i}.self_attn.{m}.lora_E.default": [i == 0, True, m == "v_proj", i == 1]
+        for i in range(2) for m in ("q_proj", "v_proj")}
+    hf.base_model.rankallocator.mask_using_rank_pattern(hf.base_model.model, hf.peft_config["default"].rank_pattern)
+    hf.eval().save_pretrained(tmp_path / "from_hf")
+    imported = load_hf_adapter(tiny_model(seed=1), tmp_path / "from_hf")
+    layer = imported.layers[0].self_attn.q_proj
+    assert isinstance(layer, AdaLoRALinear) and layer.config.total_step == 10 and layer.config.tinit == 1
+    np.testing.assert_array_equal(np.asarray(layer.adalora_e[...]) != 0, [True, True, False, False])
+    import_diff = float(np.abs(np.asarray(imported(ids)) - logits(hf, ids)).max())
+
+    ours = peft.apply(tiny_model(seed=1), AdaLoRAConfig(init_r=4, target_r=2, targets=("k_proj", "down_proj")))
+    layers = adapter_modules(ours, AdaLoRALinear)
+    rng = np.random.default_rng(2)
+    for m in layers.values():
+        m.adalora_e.set_value(rng.normal(0, 1.0, m.adalora_e.shape).astype(np.float32))
+        m.adalora_a.set_value(rng.normal(0, 0.3, m.adalora_a.shape).astype(np.float32))
+    save_hf_adapter(ours, tmp_path / "from_peftjax")
+    loaded = hf_peft.PeftModel.from_pretrained(hf_base(), tmp_path / "from_peftjax").eval()
+    export_diff = float(np.abs(logits(loaded, ids) - np.asarray(ours(ids))).max())
+    change = float(np.abs(np.asarray(ours(ids)) - np.asarray(tiny_model(seed=1)(ids))).max())
+    print(f"ADALORA: import {import_diff:.1e}, export {export_diff:.1e} (adapter changes logits by {change:.2f})")
+    assert import_diff < 1e-4 and export_diff < 1e-4 and change > 1e-2
