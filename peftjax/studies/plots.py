@@ -87,6 +87,7 @@ def scatter(plt, points: list[Point], *, title: str, xlabel: str, ylabel: str, x
     """One marker per point with its x and y 95% intervals as error bars, the Pareto front (lower x and lower y
     are better) as a dashed step line through ringed points, and every label in the legend."""
     fig, ax = new_figure(plt, title, xlabel, ylabel)
+    points = sorted(points, key=lambda p: p.label)  # a label keeps its colour from one plot of a study to the next
     for i, p in enumerate(points):
         ax.errorbar([p.x.mean], [p.y.mean], xerr=[p.x.half or 0.0], yerr=[p.y.half or 0.0], linestyle="none",
                     capsize=3, markersize=6, label=p.label, **style(i))
