@@ -22,7 +22,7 @@ from peftjax.config import from_dict
 from peftjax.data import index_batches
 from peftjax.quant import QArray
 from peftjax.quant.double_quant import DoubleQuantScales
-from peftjax.train import build, make_optimizer
+from peftjax.train import build, make_optimizer, make_regularizer
 from peftjax.train.placement import place
 
 LAYOUTS = {"DP=8": {"data": 8}, "FSDP=8": {"data": 1, "fsdp": 8}, "TP=2 x DP=4": {"data": 4, "tensor": 2},
@@ -47,7 +47,8 @@ def train_on_mesh(config_dict: dict, mesh) -> dict:
     config = from_dict(config_dict)
     tc = config.train
     built = build(config)
-    placed = place(built.model, mesh, make_optimizer(tc), batch_size=tc.batch_size)
+    placed = place(built.model, mesh, make_optimizer(tc, config.peft), batch_size=tc.batch_size,
+                   regularizer=make_regularizer(config.peft))  # the method's hooks, as a run has them
     trainable, opt_state = placed.trainable, placed.opt_state
     batches = index_batches(len(built.data.train), tc.batch_size, tc.seed)
     losses = []

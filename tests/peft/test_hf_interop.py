@@ -27,6 +27,8 @@ TYPES = {
     "OFT": lambda: peft_hf.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "OFT (exact Cayley, shared block)": lambda: peft_hf.OFTConfig(r=0, oft_block_size=16, target_modules=["o_proj"],
                                                                   use_cayley_neumann=False, block_share=True),
+    "ADALORA": lambda: peft_hf.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]),
     "PROMPT_TUNING": lambda: peft_hf.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "PREFIX_TUNING": lambda: peft_hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
 }
