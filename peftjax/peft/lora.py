@@ -445,8 +445,13 @@ def write_hf_lora(model: nnx.Module):
     if len({layer.dora for layer in layers.values()}) > 1 or len({layer.rslora for layer in layers.values()}) > 1:
         raise PeftjaxError("HF PEFT stores one adapter type and one scaling rule per adapter; this model mixes them")
     first = next(iter(layers.values()))
-    return hf_lora_payload({p: (m.lora_a[...], m.lora_b[...], m.rank, m.alpha, m.magnitude[...] if m.dora else None)
-                            for p, m in layers.items()}, rslora=first.rslora, dora=first.dora)
+    fields, tensors = hf_lora_payload({p: (m.lora_a[...], m.lora_b[...], m.rank, m.alpha,
+                                           m.magnitude[...] if m.dora else None) for p, m in layers.items()},
+                                      rslora=first.rslora, dora=first.dora)
+    plain = [p for p in modules_of_type(model, Linear) if not p.endswith(".base")]  # linear layers left as they are
+    if set(module_names(plain)) & set(fields["target_modules"]):  # (EVA's rank 0, layers_to_transform): a short
+        fields["target_modules"] = sorted(layers)  # name would adapt them too, so each adapted layer is named in full
+    return fields, tensors
 
 
 def hf_lora_payload(layers: dict, *, rslora: bool, dora: bool):

@@ -15,6 +15,7 @@ from peftjax.peft.eva import eva_init
 from peftjax.peft.hf_format import adapter_modules
 from peftjax.peft.lora import LoRAConfig, LoRALinear
 from peftjax.rules import modules_of_type
+from peftjax.variables import LoRA
 
 RANK = 4
 
@@ -156,7 +157,7 @@ def test_quantized_base(base, batches, captured):
     assert sum(result.ranks.values()) == 14 * RANK
 
 
-def test_matches_hf_peft_live_eva(tmp_path):
+def test_matches_hf_peft_live_eva(tmp_path, randomise):
     """HF PEFT's ``initialize_lora_eva_weights`` on a transformers Llama with the same weights: same ranks, same A
     (same sign convention too). One batch (HF cycles it: the second pass leaves its incremental PCA unchanged, so it converges),
     and 2 * max components >= every d_in, so HF's randomized ``svd_lowrank`` (q = 2 * components) is exact."""
@@ -196,6 +197,28 @@ def test_matches_hf_peft_live_eva(tmp_path):
         np.testing.assert_allclose(ours, a, atol=1e-4, err_msg=path)  # same sign rule too (largest |entry| > 0)
         assert layers[path].scale == pytest.approx(pm.base_model.model.get_submodule(
             "model." + path).scaling["default"])
+
+    trained = randomise(result.model, LoRA)  # as if trained: B nonzero, so the export's ranks and scales matter
+    peft.save_hf_adapter(trained, tmp_path / "adapter")
+    torch.manual_seed(0)
+    again = hf_peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = again(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(trained(jnp.asarray(ids))), theirs, atol=1e-4)
+
+
+def test_hf_adapter_round_trip_with_unadapted_layers(base, batches, tmp_path, randomise):
+    """A layer allotted rank 0 stays unadapted, so the export names the adapted layers in full (a short name such as
+    down_proj would adapt it too) and carries the ranks and adjusted alphas as patterns."""
+    result = eva(base, batches, eva_rho=2.0, rslora=True)
+    assert 0 in result.ranks.values()
+    trained = randomise(result.model, LoRA)
+    peft.save_hf_adapter(trained, tmp_path)
+    back = peft.load_hf_adapter(base, tmp_path)
+    assert {p: m.rank for p, m in adapter_modules(back, LoRALinear).items()} == {
+        p: r for p, r in result.ranks.items() if r}
+    ids = jnp.asarray(batches[0])
+    np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(trained(ids)))
 
 
 def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, config):
