@@ -222,9 +222,12 @@ def test_hf_adapter_round_trip_with_unadapted_layers(base, batches, tmp_path, ra
 
 
 def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, config):
+    text = config.read_text()
+    assert "peft: {method: lora, rank: 4}" in text
+    config.write_text(text.replace("peft: {method: lora, rank: 4}", "peft: {method: lora, rank: 4, init: eva, "
+                                                                      "eva_batches: 3}"))
     out = tmp_path / "run"
-    proc = cli("train", str(config), *tiny_args, "--set", "peft.init=eva", "--set", "peft.eva_batches=3",
-               "--set", "train.steps=6", "--out", str(out))
+    proc = cli("train", str(config), *tiny_args, "--set", "train.steps=6", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "EVA init from 3 batches" in proc.stderr and "total 56" in proc.stderr  # 14 layers x rank 4
     summary = json.loads((out / "summary.json").read_text())
@@ -238,7 +241,7 @@ def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, conf
     ranks = {p: m.rank for p, m in adapter_modules(model, LoRALinear).items()}
     assert sum(ranks.values()) == 56 and len(set(ranks.values())) > 1
 
-    bad = cli("train", str(config), *tiny_args, "--set", "peft.init=eva", "--set", "peft.eva_rho=0.5",
+    bad = cli("train", str(config), *tiny_args, "--set", "peft.eva_rho=0.5",
               "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
