@@ -194,11 +194,17 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
 
 def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = None, batch_size: int = 1,
              seq_len: int = 512, weight_dtype: str = "bfloat16", trainable_dtype: str = "float32",
-             compute_dtype: str = "bfloat16", remat: bool = False, num_tokens: int | None = None) -> MemoryEstimate:
-    """Memory of training ``model`` with ``method`` (a preset such as ``qlora``, or a registered method)."""
+             compute_dtype: str = "bfloat16", remat: bool = False, num_tokens: int | None = None,
+             num_layers: int | None = None) -> MemoryEstimate:
+    """Memory of training ``model`` with ``method`` (a preset such as ``qlora``, or a registered method);
+    ``num_layers``: its first decoder layers only (as ``model.num_layers`` builds it)."""
     from peftjax.peft import get_method
 
     arch, tied = architecture(model)
+    if num_layers is not None:
+        if not 1 <= num_layers <= arch.num_layers:
+            raise PeftjaxError(f"num_layers must be between 1 and {arch.num_layers}, got {num_layers}")
+        arch = dataclasses.replace(arch, num_layers=num_layers)
     label = method
     for name, size in (("weight_dtype", weight_dtype), ("trainable_dtype", trainable_dtype),
                        ("compute_dtype", compute_dtype)):
@@ -290,8 +296,10 @@ def measure_step(model: str, method: str, *, rank: int = 8, targets: str | None 
 
 
 def measure_steps(model: str, method: str, *, rank: int = 8, targets: str | None = None,
-                  batch_sizes=(1,), seq_len: int = 512, remat: bool = False) -> dict[int, dict]:
-    """:func:`measure_step` at each of ``batch_sizes`` from one build of the model: {batch size: allocation}."""
+                  batch_sizes=(1,), seq_len: int = 512, remat: bool = False,
+                  num_layers: int | None = None) -> dict[int, dict]:
+    """:func:`measure_step` at each of ``batch_sizes`` from one build of the model (its first ``num_layers``
+    decoder layers when given): {batch size: allocation}."""
     import jax.numpy as jnp
 
     from peftjax import partition
@@ -299,6 +307,7 @@ def measure_steps(model: str, method: str, *, rank: int = 8, targets: str | None
 
     config = method_run_config(method, model=model, rank=rank, targets=targets)
     config.model.remat = remat
+    config.model.num_layers = num_layers
     trained = build(config, with_data=False).model
     graphdef, trainable, frozen = partition.split(trained)
     optimizer = make_optimizer(config.train, config.peft)

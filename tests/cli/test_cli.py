@@ -60,8 +60,9 @@ def test_existing_run_directory_is_not_overwritten(cli, tiny_args, tmp_path, con
 @pytest.mark.parametrize("method", [["peft.method=ia3"], ["peft.method=prefix", "peft.num_tokens=4"],
                                     ["peft.method=prompt", "peft.num_tokens=4"], ["peft.method=vera"],
                                     ["peft.method=lora", "peft.dora=true"], ["peft.method=selective"],
-                                    ["peft.method=full"], ["peft.method=adalora"]])
+                                    ["peft.method=full"]])
 def test_every_method_trains_from_yaml(cli, tiny_args, tmp_path, config, method):
+    """(LoHa, LoKr, OFT, QA-LoRA, AdaLoRA and EVA train from YAML in their own test files.)"""
     out = tmp_path / "run"
     sets = [arg for kv in method for arg in ("--set", kv)]
     proc = cli("train", str(config), *tiny_args, *sets, "--set", "train.steps=2", "--out", str(out))

@@ -75,15 +75,17 @@ def test_estimate_agrees_with_xla_on_tiny(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,weight_dtype,batch_sizes", [("lora", "float32", (1, 4)), ("qlora", "bfloat16", (4,))])
-def test_estimate_within_15_percent_of_xla_on_smollm2(method, weight_dtype, batch_sizes):
-    """SmolLM2 x 128 tokens, float32 compute: the estimate against XLA's allocation for the compiled train step
-    (LoRA on the float32 base at two batch sizes, so the activations' slope is checked too; QLoRA, whose step takes
-    twice as long to compile, at one, with the rest of its base in bfloat16, as its preset)."""
-    measured = M.measure_steps("smollm2", method, batch_sizes=batch_sizes, seq_len=128)
+@pytest.mark.parametrize("method,weight_dtype", [("lora", "float32"), ("qlora", "bfloat16")])
+def test_estimate_within_15_percent_of_xla_on_smollm2(method, weight_dtype):
+    """SmolLM2's first 6 decoder layers (its real widths, vocabulary and tied head) x 128 tokens, float32 compute,
+    at two batch sizes: the estimate against XLA's allocation for the compiled train step (LoRA on the float32
+    base; QLoRA with the rest of its base in bfloat16, as its preset). Six layers, not 30: the estimate is per
+    layer plus the embedding, and the unrolled 30-layer steps took minutes to compile here;
+    experiments/memory and experiments/qlora_memory record the full model."""
+    measured = M.measure_steps("smollm2", method, batch_sizes=(1, 4), seq_len=128, num_layers=6)
     for batch_size, allocation in measured.items():
         e = M.estimate("smollm2", method, batch_size=batch_size, seq_len=128, weight_dtype=weight_dtype,
-                       compute_dtype="float32")
+                       compute_dtype="float32", num_layers=6)
         assert abs(e.total / allocation["total"] - 1) < 0.15, (batch_size, e.total, allocation)
 
 
