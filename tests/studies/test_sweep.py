@@ -1,5 +1,6 @@
 """`peftjax sweep` and `peftjax report` on a tiny model: run dirs, resume, failures, shards, report and plots."""
 import json
+import os
 
 import pytest
 
@@ -20,7 +21,8 @@ def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
     spec = write_spec(play_files, tmp_path, "sweep:\n  grid: {train.seed: [0, 1]}\n"
                                 "  zip: {name: [lora, qlora], quant.format: [null, nf4], peft.rank: [1, 2]}\n")
     out = tmp_path / "sweep"
-    proc = cli("sweep", str(spec), "--out", str(out), "--workers", "2")
+    own_cache = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the suite's cache
+    proc = cli("sweep", str(spec), "--out", str(out), "--workers", "2", env=own_cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = sorted(p.name for p in out.iterdir() if (p / "summary.json").exists())
     assert names == sorted(f"{m},seed={s}" for m in ("lora", "qlora") for s in (0, 1))
