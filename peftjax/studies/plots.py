@@ -85,21 +85,42 @@ def outside_legend(ax, title: str | None = None) -> None:
 def scatter(plt, points: list[Point], *, title: str, xlabel: str, ylabel: str, xlog: bool = False,
             pareto: bool = True):
     """One marker per point with its x and y 95% intervals as error bars, the Pareto front (lower x and lower y
-    are better) as a dashed step line through ringed points, and every label in the legend."""
+    are better) as a dashed step line through ringed points, and every label in the legend. Points that share an
+    x value (methods of one size) are drawn spread a little apart around it, so their error bars do not hide each
+    other; the legend says so when it happens."""
     fig, ax = new_figure(plt, title, xlabel, ylabel)
     points = sorted(points, key=lambda p: p.label)  # a label keeps its colour from one plot of a study to the next
-    for i, p in enumerate(points):
-        ax.errorbar([p.x.mean], [p.y.mean], xerr=[p.x.half or 0.0], yerr=[p.y.half or 0.0], linestyle="none",
+    xs_drawn = dodged([p.x.mean for p in points], log=xlog)
+    for i, (p, x) in enumerate(zip(points, xs_drawn)):
+        ax.errorbar([x], [p.y.mean], xerr=[p.x.half or 0.0], yerr=[p.y.half or 0.0], linestyle="none",
                     capsize=3, markersize=6, label=p.label, **style(i))
     if pareto and len(points) > 1:
         front = pareto_front([(p.x.mean, p.y.mean) for p in points])
-        xs, ys = [points[i].x.mean for i in front], [points[i].y.mean for i in front]
+        xs, ys = [xs_drawn[i] for i in front], [points[i].y.mean for i in front]
         ax.plot(xs, ys, drawstyle="steps-post", color="black", linestyle="--", linewidth=0.8, label="Pareto front")
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=0.8)
     if xlog:
         ax.set_xscale("log")
-    outside_legend(ax)
+        low, high = min(p.x.mean for p in points), max(p.x.mean for p in points)
+        if points and 0 < low and high / low < 10:  # a narrow range: keep a decade in view, the spread looks small
+            middle = (low * high) ** 0.5
+            ax.set_xlim(min(ax.get_xlim()[0], middle / 10 ** 0.5), max(ax.get_xlim()[1], middle * 10 ** 0.5))
+    spread = any(a != b for a, b in zip(xs_drawn, (p.x.mean for p in points)))
+    outside_legend(ax, "equal x values drawn\nspread apart" if spread else None)
     return fig
+
+
+def dodged(xs: list[float], *, log: bool, step: float = 0.02) -> list[float]:
+    """``xs`` with the members of every group of equal values moved apart symmetrically around their value: by
+    ``step`` decades each on a log axis, by ``step`` of the data's span (or of the value) on a linear one."""
+    span = (max(xs) - min(xs)) if xs else 0.0
+    out = list(xs)
+    for value in set(xs):
+        members = [i for i, x in enumerate(xs) if x == value]
+        for k, i in enumerate(members if len(members) > 1 else ()):
+            offset = step * (k - (len(members) - 1) / 2)
+            out[i] = value * 10 ** offset if log and value > 0 else value + offset * (span or abs(value) or 1.0)
+    return out
 
 
 def save(plt, fig, path: Path) -> str:
