@@ -10,6 +10,11 @@ None of these subclass ``nnx.Param``, so a ``Param`` filter never matches an ada
 from flax import nnx
 
 
+def is_variable(x) -> bool:
+    """``is_leaf`` for a state tree whose leaves should be its variables (their types say trainable or frozen)."""
+    return isinstance(x, nnx.Variable)
+
+
 class Trainable(nnx.Variable):
     """Anything the optimizer updates."""
 

@@ -42,13 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models import Linear
 from peftjax.peft.api import (Adapter, AdapterLinear, HFFormat, HFTensors, adapter_modules, apply, check_rank,
-                              check_unmerged, hf_number, hf_targets, input_dropout, module_names, register_method,
-                              replace_matching)
+                              check_unmerged, hf_number, hf_targets, input_dropout, is_variable, module_names,
+                              register_method, replace_matching)
 
 RANKNUM_EPS = 1e-5  # HF PEFT's scale is alpha / (ranknum + 1e-5)
 INIT_STD = 0.02  # P and Q start N(0, 0.02^2), as HF PEFT's reset_lora_parameters
@@ -189,15 +188,11 @@ class AllocatorState(NamedTuple):
     budget: jax.Array
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def triplets(params) -> list[tuple[str, int, int, int]]:
     """(layer path, leaf index of P, of λ, of Q) of every AdaLoRA layer in ``params`` (a trainable state), in
     path order; leaf indices count the array leaves of ``jax.tree.leaves(params)``."""
     found: dict[str, dict[str, int]] = {}
-    for i, (path, v) in enumerate(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]):
+    for i, (path, v) in enumerate(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]):
         name = getattr(path[-1], "key", None)
         if isinstance(v, AdaLoRA) and name in FACTORS:
             layer = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[:-1])

@@ -11,8 +11,8 @@ from peftjax.peft.registry import apply, register_method
 from peftjax.peft.wrapper import AdapterLinear, AdapterModule, input_dropout, kaiming_uniform
 from peftjax.rules import modules_of_type
 from peftjax.surgery import check_rank, replace_matching
-from peftjax.variables import Adapter, Trainable
+from peftjax.variables import Adapter, Trainable, is_variable
 
 __all__ = ["Adapter", "AdapterLinear", "AdapterModule", "HFFormat", "HFTensors", "Trainable", "adapter_modules",
-           "apply", "check_rank", "check_unmerged", "hf_number", "hf_targets", "input_dropout", "kaiming_uniform",
-           "module_names", "modules_of_type", "refuse_lycoris_options", "register_method", "replace_matching"]
+           "apply", "check_rank", "check_unmerged", "hf_number", "hf_targets", "input_dropout", "is_variable",
+           "kaiming_uniform", "module_names", "modules_of_type", "refuse_lycoris_options", "register_method", "replace_matching"]

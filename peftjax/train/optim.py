@@ -6,15 +6,9 @@ import functools
 
 import jax
 import optax
-from flax import nnx
 
 from peftjax.peft import method_for_config
-
-from peftjax.variables import Trainable, trainable_groups
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
+from peftjax.variables import Trainable, is_variable, trainable_groups
 
 
 def param_groups(params, named=()):
@@ -27,7 +21,7 @@ def param_groups(params, named=()):
         specific = [n for n in names if n not in ("adapter", "trainable")] or names
         return next((n for n in names if n in named), specific[-1])
 
-    return jax.tree.map(lambda v: jax.tree.map(lambda _: group(v), v), params, is_leaf=_is_variable)
+    return jax.tree.map(lambda v: jax.tree.map(lambda _: group(v), v), params, is_leaf=is_variable)
 
 
 def decay_mask(params):
