@@ -252,14 +252,10 @@ class Attention(nnx.Module):
             mask = attention_mask(jnp.arange(T), T, self.window)
         else:
             ck, cv = cache_kv
-            if cache_length.ndim == 0:
-                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_length, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_length, 0, 0))
-                mask = attention_mask(cache_length + jnp.arange(T), ck.shape[1], self.window)  # the filled cache
-            else:  # each example at its own length
-                put = jax.vmap(lambda c, u, at: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (at, 0, 0)))
-                ck, cv = put(ck, k, cache_length), put(cv, v, cache_length)
-                mask = jax.vmap(lambda at: attention_mask(at + jnp.arange(T), ck.shape[1], self.window))(cache_length)
+            at_B = jnp.broadcast_to(cache_length, (B,))  # each example writes at, and attends up to, its own length
+            put = jax.vmap(lambda c, u, at: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (at, 0, 0)))
+            ck, cv = put(ck, k, at_B), put(cv, v, at_B)
+            mask = jax.vmap(lambda at: attention_mask(at + jnp.arange(T), ck.shape[1], self.window))(at_B)
             new_kv = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         prefix = None if self.prefix is None else self.prefix()
