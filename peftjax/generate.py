@@ -85,9 +85,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, adap
     """New token ids after each of ``prompts``, decoded together as one batch (greedy when temperature is 0, else
     sampled). Prompts may differ in length: each example keeps its own cache length, positions and mask.
 
-    ``adapters``: the named LoRA adapter each example decodes with (None: the base), as in
+    ``adapters``: the named adapter each example decodes with (None: the base), as in
     :func:`peftjax.peft.mixed_adapters` — one batch serves several adapters in every step (the S-LoRA / Punica
-    pattern: each layer computes x A for the stacked adapters and keeps each row's own). An example stops at
+    pattern: each layer computes the base once and every adapter's update, and keeps each row's own). An example stops at
     ``eos_id`` (included); the batch stops when every example has.
     """
     if not prompts:

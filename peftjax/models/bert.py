@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
-from peftjax.models.llama import ACTIVATIONS, Embedding, Linear, sub_key
+from peftjax.models.llama import ACTIVATIONS, Embedding, Linear, batched, sub_key
 from peftjax.variables import Head
 
 POOLINGS = ("mean", "cls", "pooler")
@@ -229,7 +229,7 @@ class BertModel(nnx.Module):
         emb = self.embeddings
         words = emb.word_embeddings(ids_BT.reshape(-1)).astype(compute_dtype).reshape(B, T_in, -1)
         if n_virtual:  # HF PEFT prepends virtual tokens to the word embeddings, positions and types follow
-            virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, words.shape[-1]))
+            virtual = jnp.broadcast_to(batched(self.prompt()).astype(compute_dtype), (B, n_virtual, words.shape[-1]))
             words = jnp.concatenate([virtual, words], axis=1)
             keep = jnp.concatenate([jnp.ones((B, n_virtual), bool), keep], axis=1)
             types = jnp.concatenate([jnp.zeros((B, n_virtual), types.dtype), types], axis=1)

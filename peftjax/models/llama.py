@@ -98,6 +98,12 @@ def sub_key(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
+def batched(virtual: jax.Array) -> jax.Array:
+    """Prompt tuning's virtual tokens as (B or 1, N, D): one prompt for every example, (N, D), gets a batch axis;
+    (B, N, D) (named prompts in a mixed-adapter batch: one per example) is kept."""
+    return virtual if virtual.ndim == 3 else virtual[None]
+
+
 def after(q, x):
     """``q`` (an array or a pytree such as a quantized tensor) with a data dependency on ``x`` and the same values:
     every float leaf plus ``0 * x[0, ..., 0]``, every integer leaf plus ``(that zero != 0)``.
@@ -399,8 +405,8 @@ class LlamaForCausalLM(nnx.Module):
         # for linear layers (and QLoRA's quantization, as in bitsandbytes) leave it alone.
         self.lm_head = None if config.tie_embeddings else Embedding(config.vocab_size, config.hidden_size,
                                                                      rngs=rngs, dtype=dtype)
-        # Hook for prompt tuning: a module whose call returns (N, D) virtual-token embeddings prepended to the input;
-        # its ``num_tokens`` is N (0 while it is disabled).
+        # Hook for prompt tuning: a module whose call returns (N, D) virtual-token embeddings (or (B, N, D), one set
+        # per example) prepended to the input; its ``num_tokens`` is N (0 while it is disabled).
         self.prompt = nnx.data(None)
         # Run the decoder layers as one ``lax.scan`` over their stacked states (one layer compiled, not
         # num_layers) when they are alike; :func:`stack_layers` says when, else the layers run one after another.
@@ -445,7 +451,7 @@ class LlamaForCausalLM(nnx.Module):
         if c.embed_scale:
             h = h * jnp.asarray(c.hidden_size ** 0.5, compute_dtype)
         if n_virtual:
-            virtual = jnp.broadcast_to(self.prompt().astype(compute_dtype)[None], (B, n_virtual, h.shape[-1]))
+            virtual = jnp.broadcast_to(batched(self.prompt()).astype(compute_dtype), (B, n_virtual, h.shape[-1]))
             h = jnp.concatenate([virtual, h.reshape(B, T_in, -1)], axis=1).reshape(B * T, -1)
         stacked = None if cache is not None or not self.scan_layers else stack_layers(self.layers)
         if stacked is not None:

@@ -19,19 +19,19 @@ from peftjax.peft.ia3 import IA3Config, IA3Linear  # noqa: E402
 from peftjax.peft.lora import DoRA, LoRAConfig, LoRALinear, LoRAVariant, lora_delta  # noqa: E402
 from peftjax.peft.prefix import PrefixConfig, PrefixKV, fold_prefix  # noqa: E402
 from peftjax.peft.prompt import PromptConfig, PromptEmbedding  # noqa: E402
-from peftjax.peft.multi import (MultiLoRALinear, adapter_names, add_adapter, combine_adapters,  # noqa: E402
-                                mixed_adapters, set_adapter)
+from peftjax.peft.multi import (NamedAdapterLinear, NamedPrompts, active_adapter, adapter_names,  # noqa: E402
+                                add_adapter, combine_adapters, mixed_adapters, set_adapter, single_adapter)
 from peftjax.peft.hf import load_hf_adapter, save_hf_adapter, save_hf_adapters, save_hf_model  # noqa: E402
 from peftjax.peft.hotswap import HotswapLoRALinear, hotswap, prepare_hotswap  # noqa: E402
 # methods written against the public names above only (the extension API's worked examples)
 from peftjax.peft import vera, loha, lokr, oft, qalora, adalora  # noqa: E402,F401
 
 __all__ = ["Adapter", "AdapterLinear", "AdapterModule", "DoRA", "FullConfig", "HotswapLoRALinear", "IA3", "IA3Config",
-           "IA3Linear", "LoRA", "LoRAConfig", "LoRALinear", "LoRAVariant", "Method", "MultiLoRALinear", "Prefix",
-           "PrefixConfig", "PrefixKV", "Prompt", "PromptConfig", "PromptEmbedding", "Quantized", "SelectiveConfig",
-           "Trainable", "Tuned", "adapter_names", "add_adapter", "apply", "check_rank", "combine_adapters",
-           "config_fields", "count_parameters", "disable_adapters", "fold_prefix", "get_method", "hotswap",
-           "load_hf_adapter", "lora_delta", "make_config", "merge", "merge_and_unload", "method_for_config",
-           "mixed_adapters", "modules_of_type", "prepare_hotswap", "register_method", "registered_methods",
-           "replace_matching", "requantize_like", "save_hf_adapter", "save_hf_adapters", "save_hf_model", "set_adapter",
-           "summary", "unmerge"]
+           "IA3Linear", "LoRA", "LoRAConfig", "LoRALinear", "LoRAVariant", "Method", "NamedAdapterLinear",
+           "NamedPrompts", "Prefix", "PrefixConfig", "PrefixKV", "Prompt", "PromptConfig", "PromptEmbedding",
+           "Quantized", "SelectiveConfig", "Trainable", "Tuned", "active_adapter", "adapter_names", "add_adapter",
+           "apply", "check_rank", "combine_adapters", "config_fields", "count_parameters", "disable_adapters",
+           "fold_prefix", "get_method", "hotswap", "load_hf_adapter", "lora_delta", "make_config", "merge",
+           "merge_and_unload", "method_for_config", "mixed_adapters", "modules_of_type", "prepare_hotswap",
+           "register_method", "registered_methods", "replace_matching", "requantize_like", "save_hf_adapter",
+           "save_hf_adapters", "save_hf_model", "set_adapter", "single_adapter", "summary", "unmerge"]

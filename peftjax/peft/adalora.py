@@ -134,10 +134,7 @@ class AdaLoRALinear(AdapterLinear):
     def delta_weight(self) -> jax.Array:
         return adalora_weight(self.adalora_a[...], self.adalora_e[...], self.adalora_b[...], self.scale)
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        y = self.base(x)
-        if self.bypass():
-            return y
+    def adapt(self, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
         h = input_dropout(x, self.dropout, key) @ self.adalora_a[...].astype(x.dtype)
         e = self.adalora_e[...].astype(x.dtype).reshape((1,) * (h.ndim - 1) + (self.rank,))
         return y + (h * e) @ (self.adalora_b[...].astype(x.dtype) * self.scale)

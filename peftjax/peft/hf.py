@@ -20,9 +20,8 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.families import hf_config_dict  # the merged export writes the family's config.json
-from peftjax.peft.hf_format import PREFIX, HFTensors, adapter_modules, check_unmerged, hf_name
-from peftjax.peft.lora import LoRALinear, hf_lora_payload
-from peftjax.peft.multi import MultiLoRALinear, adapter_names
+from peftjax.peft.hf_format import PREFIX, HFTensors, hf_name
+from peftjax.peft.multi import adapter_names, single_adapter
 from peftjax.peft.registry import hf_formats
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -48,10 +47,6 @@ def read_hf_adapter_config(directory: Path) -> dict:
     return cfg
 
 
-def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
-
-
 def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
     """A new model: ``model`` with the HF PEFT adapter in ``directory`` applied (any supported ``peft_type``)."""
     from safetensors.numpy import load_file
@@ -72,35 +67,45 @@ def load_hf_adapter(model: nnx.Module, directory) -> nnx.Module:
     return adapted
 
 
-def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
-    """Write ``model``'s adapter as an HF PEFT adapter directory (atomically: all or nothing)."""
+def _adapter_payload(model: nnx.Module, hint: str = "") -> tuple[str, dict, dict]:
+    """(HF PEFT type, config fields, tensors) of the single adapter of ``model``."""
     written = {kind: out for kind, fmt in hf_formats().items() if (out := fmt.write(model)) is not None}
     if not written:
-        hint = "; a model with named adapters: save_hf_adapters" if adapter_names(model) else ""
         raise PeftjaxError(f"the model has no adapters to save; HF PEFT export supports "
                            f"{', '.join(sorted(hf_formats()))}{hint}")
     if len(written) > 1:
         raise PeftjaxError(f"HF PEFT stores one adapter type per directory; this model has {', '.join(written)}")
     (kind, (fields, tensors)), = written.items()
+    return kind, fields, tensors
+
+
+def save_hf_adapter(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
+    """Write ``model``'s adapter as an HF PEFT adapter directory (atomically: all or nothing)."""
+    if adapter_names(model):
+        raise PeftjaxError("the model has named adapters; save_hf_adapters writes one directory per adapter "
+                           "(or save_hf_adapter(single_adapter(model, name), dir) for one)")
+    kind, fields, tensors = _adapter_payload(model)
     return _write_adapter(Path(directory), kind, fields, tensors, base_model)
 
 
 def save_hf_adapters(model: nnx.Module, directory, *, base_model: str = "SmolLM2-135M-Instruct") -> Path:
-    """Write each named adapter of a multi-adapter model (``add_adapter``) as its own HF PEFT LoRA directory,
-    ``directory/<name>`` (load them in HF PEFT with ``PeftModel.from_pretrained`` and ``load_adapter``)."""
+    """Write each named adapter of a multi-adapter model (``add_adapter``) as its own HF PEFT directory,
+    ``directory/<name>``, of its own type (load them in HF PEFT with ``PeftModel.from_pretrained`` /
+    ``load_adapter``). Every adapter is converted before anything is written."""
     names = adapter_names(model)
     if not names:
         raise PeftjaxError("the model has no named adapters; save_hf_adapter writes a single adapter")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise PeftjaxError(f"{directory} exists and is not an empty directory; choose a new output directory")
-    layers = adapter_modules(model, MultiLoRALinear)
-    check_unmerged(layers)
+    payloads = {}
     for name in names:
-        entries = {p: (f.lora_a[...], f.lora_b[...], f.lora_a.shape[1], f.scale * f.lora_a.shape[1], None)
-                   for p, m in layers.items() if (f := m.adapters.get(name)) is not None}
-        fields, tensors = hf_lora_payload(entries, rslora=False, dora=False)  # alpha = s r: HF's scale alpha / r
-        _write_adapter(directory / name, "LORA", fields, tensors, base_model)
+        try:
+            payloads[name] = _adapter_payload(single_adapter(model, name))
+        except PeftjaxError as e:
+            raise PeftjaxError(f"adapter {name!r}: {e}") from None
+    for name, (kind, fields, tensors) in payloads.items():
+        _write_adapter(directory / name, kind, fields, tensors, base_model)
     return directory
 
 
@@ -141,10 +146,10 @@ def save_hf_model(model: nnx.Module, directory) -> Path:
     from safetensors.numpy import save_file
 
     from peftjax.models.llama import Linear
-    from peftjax.peft.wrapper import AdapterLinear, AdapterModule
+    from peftjax.peft.wrapper import AdapterLinear, AdapterModule, is_detached
 
     model = nnx.clone(model)  # merge_kernel of some methods records state on the module
-    modules = {".".join(map(str, path)): m for path, m in nnx.iter_modules(model)}
+    modules = {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if not is_detached(m)}
     kernels: dict[str, np.ndarray] = {}
     for name, module in modules.items():
         if isinstance(module, AdapterLinear):

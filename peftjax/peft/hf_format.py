@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.peft.wrapper import is_detached
 
 PREFIX = "base_model.model.model."
 
@@ -110,8 +111,9 @@ def module_names(paths) -> list[str]:
 
 
 def adapter_modules(model: nnx.Module, kind: type) -> dict[str, nnx.Module]:
-    """{dotted path: module} of the modules of type ``kind`` in ``model``."""
-    return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, kind)}
+    """{dotted path: module} of the modules of type ``kind`` in ``model`` (named adapters held by a container
+    are not counted: the container stands for them)."""
+    return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, kind) and not is_detached(m)}
 
 
 def check_unmerged(modules: dict[str, nnx.Module]) -> None:

@@ -25,9 +25,10 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
+from peftjax.peft.hf_format import adapter_modules
 from peftjax.peft.lora import LoRAB, LoRALinear, lora_delta, lora_weight
 from peftjax.peft.wrapper import AdapterLinear
-from peftjax.rules import path_str, set_at_path
+from peftjax.rules import set_at_path
 from peftjax.surgery import check_rank, replace_matching
 from peftjax.variables import LoRA
 
@@ -73,7 +74,7 @@ class HotswapLoRALinear(AdapterLinear):
 
 def _lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
     """The plain LoRA layers of ``model`` (one line for the kinds hot-swapping cannot pad exactly)."""
-    layers = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
+    layers = adapter_modules(model, LoRALinear)
     for path, layer in layers.items():
         if layer.dora or layer.qat is not None:
             raise PeftjaxError(f"{path} is {'DoRA' if layer.dora else 'quantization-aware LoRA'}; hot-swapping pads "
@@ -113,7 +114,7 @@ def hotswap(model: nnx.Module, source: nnx.Module) -> nnx.Module:
     Shapes and graph do not change, so functions compiled for ``model`` run the new adapter without recompiling;
     prepared layers that ``source`` does not adapt are zeroed.
     """
-    served = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, HotswapLoRALinear)}
+    served = adapter_modules(model, HotswapLoRALinear)
     if not served:
         raise PeftjaxError("the model is not prepared for hot-swapping; call prepare_hotswap(model, max_rank) first")
     if any(m.merged for m in served.values()):

@@ -50,6 +50,9 @@ class IA3Linear(AdapterLinear):
         scale = self.ia3[...].astype(x.dtype)[None, :]
         return self.base(x * scale) if self.on_input else self.base(x) * scale
 
+    def adapt(self, x, y, key=None):
+        return self(x) if self.on_input else y * self.ia3[...].astype(y.dtype)[None, :]
+
     def _factor(self, w_DO):
         l = self.ia3[...].astype(w_DO.dtype)
         return l[:, None] if self.on_input else l[None, :]

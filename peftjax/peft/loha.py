@@ -56,10 +56,7 @@ class LoHaLinear(AdapterLinear):
     def delta_weight(self) -> jax.Array:
         return loha_weight(self.hada_a1[...], self.hada_b1[...], self.hada_a2[...], self.hada_b2[...], self.scale)
 
-    def __call__(self, x, key=None):
-        y = self.base(x)
-        if self.bypass():
-            return y
+    def adapt(self, x, y, key=None):
         return y + x @ self.delta_weight().astype(x.dtype)
 
 

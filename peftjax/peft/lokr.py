@@ -99,10 +99,7 @@ class LoKrLinear(AdapterLinear):
         c1, c2 = self.factors()
         return jnp.kron(c1, c2) * self.scale
 
-    def __call__(self, x, key=None):
-        y = self.base(x)
-        if self.bypass():
-            return y
+    def adapt(self, x, y, key=None):
         c1, c2 = self.factors()
         return y + kron_apply(x, c1 * self.scale, c2)
 

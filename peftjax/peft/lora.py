@@ -152,9 +152,9 @@ class LoRAVariant:
         """The adapter path's contribution to the output for input ``x`` (linear in x)."""
         return lora_delta(x_ND, layer.lora_a[...], layer.lora_b[...], layer.scale)
 
-    def forward(self, layer: "LoRALinear", x_ND: jax.Array, adapter_x_ND: jax.Array) -> jax.Array:
-        """The layer's output: the base sees ``x``, the adapter ``adapter_x`` (``x`` after dropout)."""
-        return layer.base(x_ND) + self.adapter_out(layer, adapter_x_ND)
+    def output(self, layer: "LoRALinear", y_NO: jax.Array, adapter_x_ND: jax.Array) -> jax.Array:
+        """The layer's output given the base's output ``y`` and the adapter's input ``adapter_x`` (x after dropout)."""
+        return y_NO + self.adapter_out(layer, adapter_x_ND)
 
     def merged_weight(self, layer: "LoRALinear", w_DO: jax.Array) -> jax.Array:
         """The dense weight the adapted layer computes with (differentiable in the factors)."""
@@ -184,14 +184,11 @@ class DoRA(LoRAVariant):
     def adapter_out(self, layer, x_ND):
         return super().adapter_out(layer, x_ND) * self.factor(layer).astype(x_ND.dtype)[None, :]
 
-    def forward(self, layer, x_ND, adapter_x_ND):
-        y = layer.base(x_ND)
+    def output(self, layer, y_NO, adapter_x_ND):
         bias = layer.base.bias
-        if bias is not None:
-            y = y - bias[...].astype(x_ND.dtype)[None, :]
-        factor = self.factor(layer).astype(x_ND.dtype)[None, :]
-        y = y * factor + self.adapter_out(layer, adapter_x_ND)
-        return y if bias is None else y + bias[...].astype(x_ND.dtype)[None, :]
+        y = y_NO if bias is None else y_NO - bias[...].astype(y_NO.dtype)[None, :]
+        y = y * self.factor(layer).astype(y.dtype)[None, :] + self.adapter_out(layer, adapter_x_ND)
+        return y if bias is None else y + bias[...].astype(y.dtype)[None, :]
 
     def merged_weight(self, layer, w_DO):
         v = w_DO + layer.delta_weight().astype(w_DO.dtype)
@@ -245,9 +242,9 @@ class LoRALinear(AdapterLinear):
         """``key``: this step's dropout key (None: no dropout, as in evaluation and generation)."""
         if self.bypass():
             return self.base(x)
-        adapter_x = input_dropout(x, self.dropout, key)
         if self.qat is None:
-            return self.variant.forward(self, x, adapter_x)
+            return self.variant.output(self, self.base(x), input_dropout(x, self.dropout, key))
+        adapter_x = input_dropout(x, self.dropout, key)
         fmt, block_size = self.qat
         w = fake_quant_kernel(self.variant.merged_weight(self, self.base.kernel(jnp.float32)), fmt,
                               block_size=block_size)
@@ -255,6 +252,11 @@ class LoRALinear(AdapterLinear):
         if adapter_x is not x:
             y = y + self.variant.adapter_out(self, adapter_x) - self.variant.adapter_out(self, x)
         return y if self.base.bias is None else y + self.base.bias[...].astype(x.dtype)[None, :]
+
+    def adapt(self, x, y, key=None):
+        if self.qat is not None:  # the fake-quantized merged weight replaces the base matmul
+            return self(x, key)
+        return self.variant.output(self, y, input_dropout(x, self.dropout, key))
 
     def delta_weight(self) -> jax.Array:
         return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)

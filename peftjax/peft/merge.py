@@ -15,7 +15,7 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.variables import Quantized
-from peftjax.peft.wrapper import AdapterLinear, AdapterModule
+from peftjax.peft.wrapper import AdapterLinear, AdapterModule, is_detached
 from peftjax.quant import quantize
 from peftjax.rules import path_str
 
@@ -26,7 +26,7 @@ def requantize_like(w, q):
 
 
 def _adapters(model: nnx.Module) -> dict[str, AdapterModule]:
-    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, AdapterModule)}
+    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, AdapterModule) and not is_detached(m)}
 
 
 def _rewrite_base(layer: AdapterLinear, fn) -> float:

@@ -1,18 +1,30 @@
-"""Several named LoRA adapters on one base: choose the active one, combine them, or give each example its own.
+"""Several named adapters on one base, of any method that adds to a linear layer or prepends a prompt: choose the
+active one, combine LoRA ones, or give each example of a batch its own.
 
-    y_i = W x_i + s_a B_a A_a x_i,   a = the active adapter, or adapter_ids[example of row i] in a mixed batch
+    y_i = adapter_a(x_i; W),   a = the active adapter, or names[example of row i] in a mixed batch (None: W x_i)
 
-``add_adapter`` turns LoRA layers into :class:`MultiLoRALinear` (the first adapter is named ``default``) and adds a
-new named one; ``set_adapter`` picks the active adapter (``None``: the base alone). ``combine_adapters`` adds an
-adapter combining named ones with weights (HF PEFT's ``add_weighted_adapter`` methods: cat, svd, linear, TIES, DARE,
-magnitude pruning; the maths is in :mod:`peftjax.peft.arithmetic`). In a mixed batch
-(``mixed_adapters(model, names)``) the factors of all adapters are stacked, padded to a common rank with zeros
-(exact), and every row of the 2-D activations keeps only its adapter's part: one forward pass for the whole batch.
+``add_adapter(model, name, config)`` applies ``config``'s method (LoRA with its variants and options: DoRA, rsLoRA,
+dropout, QAT, LoRA-FA; IA3, VeRA, LoHa, LoKr, OFT, QA-LoRA, AdaLoRA; prompt tuning) to the base of ``model`` and
+keeps the result as adapter ``name`` beside the ones ``model`` has (a model adapted once holds its adapter as
+``default``). Each adapted linear layer becomes a :class:`NamedAdapterLinear`: the shared frozen base plus one layer
+of each method per adapter, exactly the layer ``peft.apply`` builds, so each adapter keeps every option and
+computes what its own single-adapter model computes. Those layers hold a :class:`DetachedBase` (sizes only) and
+the container lends them its base for each call; merges, exports and summaries see the container. Prompts become a
+:class:`NamedPrompts`. Methods that change the shared base (PiSSA, OLoRA, LoftQ, full fine-tuning) or add keys to
+attention (prefix tuning) are refused with a one-line error.
+
+``set_adapter`` picks the active adapter (``None``: the base alone). In a mixed batch
+(``with mixed_adapters(model, names):``) every layer computes the base once and each adapter's output from it
+(``AdapterLinear.adapt(x, y)``: for LoRA and the other additive methods a low-rank term, for IA3 a rescaling), and
+every row keeps its own adapter's output: one forward pass for the whole batch. Prompts of the rows' adapters must
+have one length (rows then differ only in their virtual tokens). ``combine_adapters`` adds an adapter combining
+named LoRA adapters (HF PEFT's ``add_weighted_adapter`` methods; the maths is in :mod:`peftjax.peft.arithmetic`).
+``single_adapter(model, name)`` is the ordinary one-adapter model of ``name`` (what ``save_hf_adapters`` exports).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,128 +33,232 @@ from flax import nnx
 from peftjax.errors import PeftjaxError
 from peftjax.models.llama import Linear
 from peftjax.peft.arithmetic import DELTAWISE, METHODS, combine_layer, elects_sign, is_dare, prunes
-from peftjax.peft.lora import LoRAB, LoRAConfig, LoRALinear, lora_delta, lora_weight
-from peftjax.variables import LoRA
-from peftjax.peft.wrapper import AdapterLinear
-from peftjax.rules import as_patterns, match_rules, path_str, set_at_path
-from peftjax.surgery import check_rank
+from peftjax.peft.hf_format import adapter_modules
+from peftjax.peft.lora import LoRAConfig, LoRALinear
+from peftjax.peft.prompt import PromptEmbedding
+from peftjax.peft.registry import apply, method_for_config
+from peftjax.peft.wrapper import AdapterLinear, AdapterModule, DetachedBase
+from peftjax.rules import modules_of_type, set_at_path
 
 
-class LoRAFactors(nnx.Module):
-    """One named adapter of a :class:`MultiLoRALinear`: A (d_in, r), B (r, d_out) and the scale s."""
-
-    def __init__(self, a_DR: jax.Array, b_RO: jax.Array, scale: float):
-        self.lora_a, self.lora_b, self.scale = LoRA(a_DR), LoRAB(b_RO), scale
-
-    def delta_weight(self) -> jax.Array:
-        return lora_weight(self.lora_a[...], self.lora_b[...], self.scale)
+def _row_ids(rows_B: jax.Array, n_rows: int) -> jax.Array:
+    """Each of ``n_rows`` activation rows' adapter index: rows are (example, position) flattened."""
+    return jnp.repeat(rows_B, n_rows // rows_B.shape[0])
 
 
-class MultiLoRALinear(AdapterLinear):
+class NamedAdapterLinear(AdapterLinear):
+    """A frozen linear layer shared by named adapters (each a method's own layer on a :class:`DetachedBase`)."""
+
     mergeable = True
 
-    def __init__(self, base: Linear, adapters: dict[str, LoRAFactors], active: str | None):
+    def __init__(self, base: Linear, adapters: Mapping[str, AdapterLinear], active: str | None):
         super().__init__(base)
-        self.adapters = nnx.Dict(adapters)
+        self.adapters = nnx.Dict({name: _detach(layer) for name, layer in adapters.items()})
         self.active = active
         self.row_adapters = nnx.data(None)  # (B,) adapter index per example in a mixed batch (-1: base)
 
     def names(self) -> list[str]:
-        return list(self.adapters.keys())
+        """The adapters' names, sorted: the order a mixed batch's indices refer to (NNX's split and merge, as in
+        ``nnx.jit``, rebuild the dict in sorted order, so insertion order would not survive them)."""
+        return sorted(self.adapters.keys())
+
+    @contextlib.contextmanager
+    def lent(self, name: str) -> Iterator[AdapterLinear]:
+        """Adapter ``name`` with this layer's base lent to it for the block. The attribute is set past NNX's
+        mutation check on purpose: the loan is undone before anything can observe the shared reference, also
+        inside a jitted function that closes over the model."""
+        layer = self.adapters[name]
+        stub = layer.base
+        object.__setattr__(layer, "base", self.base)
+        try:
+            yield layer
+        finally:
+            object.__setattr__(layer, "base", stub)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if self.bypass() or (self.active is None and self.row_adapters is None):
+            return self.base(x)
+        if self.row_adapters is None:
+            with self.lent(self.active) as layer:
+                return layer(x, key)
         y = self.base(x)
-        if self.bypass():
-            return y
-        if self.row_adapters is not None:
-            return y + self.mixed_delta(x)
+        ids_N = _row_ids(self.row_adapters, x.shape[0])
+        out = y
+        for i, name in enumerate(self.names()):
+            with self.lent(name) as layer:
+                out = jnp.where((ids_N == i)[:, None], layer.adapt(x, y, key), out)
+        return out
+
+    def adapt(self, x, y, key=None):
         if self.active is None:
             return y
-        f = self.adapters[self.active]
-        return y + lora_delta(x, f.lora_a[...], f.lora_b[...], f.scale)
-
-    def mixed_delta(self, x_ND: jax.Array) -> jax.Array:
-        factors = [self.adapters[n] for n in self.names()]
-        r = max(f.lora_a.shape[1] for f in factors)
-        a = jnp.stack([jnp.pad(f.lora_a[...], ((0, 0), (0, r - f.lora_a.shape[1]))) for f in factors], axis=1)
-        b = jnp.stack([jnp.pad(f.lora_b[...] * f.scale, ((0, r - f.lora_b.shape[0]), (0, 0))) for f in factors])
-        n = len(factors)
-        ids_B = self.row_adapters
-        ids_N = jnp.repeat(ids_B, x_ND.shape[0] // ids_B.shape[0])  # rows are (example, position) flattened
-        xa = (x_ND @ a.reshape(x_ND.shape[1], n * r).astype(x_ND.dtype)).reshape(-1, n, r)
-        xa = xa * (ids_N[:, None] == jnp.arange(n)[None, :]).astype(xa.dtype)[:, :, None]
-        return xa.reshape(-1, n * r) @ b.reshape(n * r, -1).astype(x_ND.dtype)
-
-    def _active(self) -> LoRAFactors:
-        if self.active is None:
-            raise PeftjaxError("no adapter is active; set_adapter(model, name) before merging")
-        return self.adapters[self.active]
+        with self.lent(self.active) as layer:
+            return layer.adapt(x, y, key)
 
     def merge_kernel(self, w_DO):
-        return w_DO + self._active().delta_weight().astype(w_DO.dtype)
+        """W with the active adapter folded in (W itself where this layer has no active adapter: it computes W)."""
+        if self.active is None:
+            return w_DO
+        with self.lent(self.active) as layer:
+            return layer.merge_kernel(w_DO)
 
     def unmerge_kernel(self, w_DO):
-        return w_DO - self._active().delta_weight().astype(w_DO.dtype)
+        if self.active is None:
+            return w_DO
+        with self.lent(self.active) as layer:
+            return layer.unmerge_kernel(w_DO)
 
 
-def _multi_layers(model: nnx.Module) -> dict[str, MultiLoRALinear]:
-    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, MultiLoRALinear)}
+class NamedPrompts(AdapterModule):
+    """Prompt tuning's virtual tokens per named adapter: the active adapter's, or in a mixed batch each example's."""
+
+    def __init__(self, prompts: Mapping[str, PromptEmbedding], active: str | None):
+        self.prompts = nnx.Dict(dict(prompts))
+        self.active = active
+        self.row_adapters = nnx.data(None)  # (B,) index into names() per example, while mixing
+
+    def names(self) -> list[str]:
+        return sorted(self.prompts.keys())  # sorted, as NamedAdapterLinear.names
+
+    @property
+    def num_tokens(self) -> int:
+        if self.disabled:
+            return 0
+        if self.row_adapters is not None:
+            return next(iter(self.prompts.values())).num_tokens  # mixed_adapters checked they are alike
+        return 0 if self.active is None else self.prompts[self.active].num_tokens
+
+    def __call__(self) -> jax.Array:
+        """(N, D) for the active adapter, (B, N, D) in a mixed batch."""
+        if self.row_adapters is None:
+            return self.prompts[self.active]()
+        return jnp.stack([self.prompts[n]() for n in self.names()])[self.row_adapters]
 
 
-def _to_multi(model: nnx.Module) -> None:
-    """LoRA layers become named-adapter layers holding them as ``default``; a layer whose options a named adapter
-    cannot keep (DoRA, QAT, dropout, LoRA-FA's frozen A) is a one-line error instead of being dropped silently."""
-    for p, m in list(nnx.iter_modules(model)):
-        if type(m) is not LoRALinear:
+def _detach(layer: AdapterLinear) -> AdapterLinear:
+    if not isinstance(layer.base, DetachedBase):
+        layer.base = DetachedBase(layer.base.d_in, layer.base.d_out)
+    return layer
+
+
+def _containers(model: nnx.Module) -> dict[str, NamedAdapterLinear]:
+    return adapter_modules(model, NamedAdapterLinear)
+
+
+def _prompts(model: nnx.Module) -> NamedPrompts | None:
+    prompt = getattr(model, "prompt", None)
+    return prompt if isinstance(prompt, NamedPrompts) else None
+
+
+def _check_can_be_named(model: nnx.Module, what: str) -> None:
+    """One line for adapters a named-adapter model cannot hold (they do not act on a linear layer's output)."""
+    for path, module in adapter_modules(model, AdapterModule).items():
+        if isinstance(module, (AdapterLinear, NamedPrompts, PromptEmbedding)):
+            if getattr(module, "merged", False):
+                raise PeftjaxError(f"{path} is merged into its base; unmerge it before adding named adapters")
             continue
-        kept_out = [what for what, has in (("DoRA", m.dora), ("QAT", m.qat is not None),
-                                           (f"dropout {m.dropout}", m.dropout > 0),
-                                           ("LoRA-FA's frozen A (freeze_a)", not isinstance(m.lora_a, LoRA))) if has]
-        if kept_out:
-            raise PeftjaxError(f"{path_str(p)} has {kept_out[0]}, which named adapters do not keep; apply plain "
-                               "LoRA (dora, qat_format, dropout, freeze_a off) before add_adapter")
-        set_at_path(model, path_str(p), MultiLoRALinear(
-            m.base, {"default": LoRAFactors(m.lora_a[...], m.lora_b[...], m.scale)}, "default"))
+        raise PeftjaxError(f"{what} has {type(module).__name__} at {path or 'the model'}, which named adapters cannot "
+                           "hold (they adapt linear layers or prepend a prompt); use a separate model for it")
 
 
-def add_adapter(model: nnx.Module, name: str, config: LoRAConfig) -> nnx.Module:
-    """A new model with LoRA adapter ``name`` added to the layers ``config.targets`` names (the others keep theirs).
+def _to_named(model: nnx.Module) -> None:
+    """A model adapted once holds its adapter as ``default``, in containers (in place)."""
+    _check_can_be_named(model, "the model")
+    for path, layer in adapter_modules(model, AdapterLinear).items():
+        if not isinstance(layer, NamedAdapterLinear):
+            set_at_path(model, path, NamedAdapterLinear(layer.base, {"default": layer}, "default"))
+    if isinstance(getattr(model, "prompt", None), PromptEmbedding):
+        model.prompt = NamedPrompts({"default": model.prompt}, "default")
 
-    Layers without the new adapter act as the base while it is active. Only the default and gaussian inits apply
-    (PiSSA / LoftQ / DoRA change the base, which the other adapters share).
+
+def _bare(model: nnx.Module) -> nnx.Module:
+    """A clone of ``model`` with its named adapters removed: the shared base."""
+    bare = nnx.clone(model)
+    for path, layer in _containers(bare).items():
+        set_at_path(bare, path, layer.base)
+    if _prompts(bare) is not None:
+        bare.prompt = None
+    return bare
+
+
+def _weights(module: nnx.Module) -> list:
+    return jax.tree.leaves(nnx.state(module))
+
+
+def active_adapter(model: nnx.Module) -> str | None:
+    """The name of the active adapter (None: none is, or the model has no named adapters)."""
+    for holder in [*_containers(model).values(), _prompts(model)]:
+        if holder is not None and holder.active is not None:
+            return holder.active
+    return None
+
+
+def add_adapter(model: nnx.Module, name: str, adapter) -> nnx.Module:
+    """A new model with adapter ``name`` beside the adapters ``model`` has. ``adapter`` is a method's config (applied
+    to the base of ``model``, freshly initialised: any registered method that adapts linear layers without changing
+    them, or prompt tuning) or a model carrying one adapter on the same base (``peft.apply``'s result, a trained
+    run's model, ``load_hf_adapter``'s), whose adapter is taken as it is.
+
+    A model without adapters gets ``name`` active; otherwise the active adapter stays (as HF PEFT's
+    ``add_adapter``): ``set_adapter`` switches. Layers without the active adapter compute the base.
     """
-    if config.init not in ("default", "gaussian") or config.dora:
-        raise PeftjaxError("add_adapter supports LoRA with init 'default' or 'gaussian' and dora=False; PiSSA, "
-                           "LoftQ and DoRA change the shared base")
+    had_adapters = bool(adapter_modules(model, AdapterModule))
     model = nnx.clone(model)
-    _to_multi(model)
-    multi = _multi_layers(model)
-    if any(name in m.adapters for m in multi.values()):
+    _to_named(model)
+    if name in adapter_names(model):
         raise PeftjaxError(f"adapter {name!r} already exists; choose another name")
-    inner = {p + ".base": p for p in multi}
-    linears = {inner.get(path_str(p), path_str(p)): m for p, m in nnx.iter_modules(model)
-               if p and isinstance(m, Linear) and not isinstance(m, AdapterLinear)}
-    matched = match_rules(linears, as_patterns(config.targets), what="LoRA target")
-    keys = jax.random.split(jax.random.key(config.seed), max(len(matched), 1))
-    for key, path in zip(keys, matched):
-        base = linears[path]
-        check_rank(config.rank, base, path, what="LoRA")
-        fresh = LoRALinear(base, rank=config.rank, alpha=config.alpha, rslora=config.rslora, key=key, init=config.init)
-        factors = LoRAFactors(fresh.lora_a[...], fresh.lora_b[...], fresh.scale)
-        if path in multi:
-            multi[path].adapters[name] = factors
+    active = active_adapter(model) if had_adapters else name
+    bare = _bare(model)
+    if isinstance(adapter, nnx.Module):
+        if adapter_names(adapter):
+            raise PeftjaxError("the adapter model has named adapters itself; pass single_adapter(model, name)")
+        adapted, what = nnx.clone(adapter), "the adapter model"
+    else:
+        adapted, what = _applied(bare, adapter), f"method {method_for_config(adapter).name}"
+    _check_can_be_named(adapted, what)
+    bases, own = modules_of_type(bare, Linear), modules_of_type(model, Linear)
+    for path, layer in adapter_modules(adapted, AdapterLinear).items():
+        _check_same_base(path, layer.base, bases.get(path), what)
+        holder = _containers(model).get(path)
+        if holder is None:
+            set_at_path(model, path, NamedAdapterLinear(own[path], {name: layer}, None))
         else:
-            set_at_path(model, path, MultiLoRALinear(base, {name: factors}, name))
-    for layer in _multi_layers(model).values():
-        if layer.active not in layer.adapters:
-            layer.active = None
-    return model
+            holder.adapters[name] = _detach(layer)
+    if isinstance(getattr(adapted, "prompt", None), PromptEmbedding):
+        if _prompts(model) is None:
+            model.prompt = NamedPrompts({}, None)
+        model.prompt.prompts[name] = adapted.prompt
+    return set_adapter(model, active)
+
+
+def _applied(bare: nnx.Module, config) -> nnx.Module:
+    method = method_for_config(config)
+    if method.trains_base:
+        raise PeftjaxError(f"{method.name} trains the base weights, which named adapters share; it cannot be a named "
+                           "adapter")
+    if isinstance(config, LoRAConfig) and config.init == "eva":
+        raise PeftjaxError("EVA initialises from data: train with init='eva' in a run, then add the trained model "
+                           "(add_adapter(model, name, trained_model))")
+    return apply(bare, config)
+
+
+def _check_same_base(path: str, base: nnx.Module, shared: nnx.Module | None, what: str) -> None:
+    """One line unless ``base`` is the layer ``shared`` of the named model's base (the same arrays, or equal ones)."""
+    if shared is None:
+        raise PeftjaxError(f"{what} adapts {path}, which is not a linear layer of this model's base")
+    mine, theirs = _weights(base), _weights(shared)
+    if type(base) is not type(shared) or len(mine) != len(theirs) or not all(
+            a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b)))
+            for a, b in zip(mine, theirs)):
+        raise PeftjaxError(f"{what} has other base weights at {path} than this model (PiSSA, OLoRA and LoftQ change "
+                           "W; a model of another checkpoint differs); named adapters share one base")
 
 
 def adapter_names(model: nnx.Module) -> list[str]:
     names: dict[str, None] = {}
-    for layer in _multi_layers(model).values():
-        names.update(dict.fromkeys(layer.names()))
+    for holder in [*_containers(model).values(), _prompts(model)]:
+        if holder is not None:
+            names.update(dict.fromkeys(holder.names()))
     return list(names)
 
 
@@ -156,18 +272,53 @@ def set_adapter(model: nnx.Module, name: str | None) -> nnx.Module:
     """Make ``name`` the active adapter (in place; ``None``: none). Layers without it compute the base."""
     if name is not None:
         _check_name(model, name)
-    for layer in _multi_layers(model).values():
-        if layer.merged:
+    for holder in [*_containers(model).values(), _prompts(model)]:
+        if holder is None:
+            continue
+        if getattr(holder, "merged", False):
             raise PeftjaxError("cannot switch adapters on a merged model; unmerge it first")
-        layer.active = name if name is not None and name in layer.adapters else None
+        holder.active = name if name is not None and name in holder.names() else None
     return model
+
+
+def single_adapter(model: nnx.Module, name: str) -> nnx.Module:
+    """A new model with adapter ``name`` alone, as ``peft.apply`` of its method would have built it (its options,
+    its layers; every other adapter removed): for saving, training or serving one adapter."""
+    _check_name(model, name)
+    model = nnx.clone(model)
+    for path, holder in _containers(model).items():
+        if holder.merged:
+            raise PeftjaxError(f"{path} is merged into its base; unmerge it first")
+        if name in holder.adapters:
+            layer = holder.adapters[name]
+            layer.base = holder.base
+            set_at_path(model, path, layer)
+        else:
+            set_at_path(model, path, holder.base)
+    prompts = _prompts(model)
+    if prompts is not None:
+        model.prompt = prompts.prompts[name] if name in prompts.prompts else None
+    return model
+
+
+def _lora_parts(path: str, holder: NamedAdapterLinear, names, weights) -> list[tuple]:
+    parts = []
+    for k, w in zip(names, weights):
+        if k not in holder.adapters:
+            continue
+        layer = holder.adapters[k]
+        if type(layer) is not LoRALinear or layer.dora or layer.qat is not None:
+            kind = "DoRA" if getattr(layer, "dora", False) else type(layer).__name__
+            raise PeftjaxError(f"combine_adapters combines plain LoRA adapters; {k!r} is {kind} at {path}")
+        parts.append((k, float(w), layer.lora_a[...], layer.lora_b[...], layer.scale))
+    return parts
 
 
 def combine_adapters(model: nnx.Module, names: Sequence[str], weights: Sequence[float], name: str, *,
                      method: str = "svd", rank: int | None = None, density: float | None = None,
                      majority_sign: str = "total", seed: int | None = None,
                      masks: Mapping[tuple[str, str, str], jax.Array] | None = None) -> nnx.Module:
-    """A new model with adapter ``name`` (scale 1) combining adapters ``names`` with ``weights`` by ``method``.
+    """A new model with LoRA adapter ``name`` (scale 1) combining LoRA adapters ``names`` with ``weights``.
 
     Methods and their maths: :mod:`peftjax.peft.arithmetic` (HF PEFT's ``add_weighted_adapter`` combination types).
     ``rank``: the svd methods' rank (default: the largest rank among ``names``); ``density``: the fraction kept by
@@ -181,16 +332,18 @@ def combine_adapters(model: nnx.Module, names: Sequence[str], weights: Sequence[
     if name in adapter_names(model):
         raise PeftjaxError(f"adapter {name!r} already exists; choose another name for the combination")
     model = nnx.clone(model)
-    layers = _multi_layers(model)
+    layers = {path: (holder, _lora_parts(path, holder, names, weights)) for path, holder in _containers(model).items()}
     if rank is None:
-        rank = max(layer.adapters[k].lora_a.shape[1] for layer in layers.values() for k in names if k in layer.adapters)
-    for path, layer in layers.items():
-        parts = [(k, float(w), layer.adapters[k].lora_a[...], layer.adapters[k].lora_b[...], layer.adapters[k].scale)
-                 for k, w in zip(names, weights) if k in layer.adapters]
+        rank = max(a.shape[1] for _, parts in layers.values() for _, _, a, _, _ in parts)
+    for path, (holder, parts) in layers.items():
         if parts:
             a, b = combine_layer(path, parts, method, rank=rank, density=density, sign_method=majority_sign,
                                  seed=0 if seed is None else seed, masks=masks)
-            layer.adapters[name] = LoRAFactors(a, b, 1.0)
+            layer = LoRALinear(holder.base, rank=a.shape[1], alpha=float(a.shape[1]), rslora=False,
+                               key=jax.random.key(0))  # scale alpha / r = 1: the combination carries it
+            layer.lora_a.set_value(a)
+            layer.lora_b.set_value(b)
+            holder.adapters[name] = _detach(layer)
     return model
 
 
@@ -224,12 +377,18 @@ def mixed_adapters(model: nnx.Module, names: list[str | None]):
     for n in names:
         if n is not None:
             _check_name(model, n)
-    layers = _multi_layers(model)
+    prompts = _prompts(model)
+    if prompts is not None and len(prompts.names()):
+        lengths = {n: prompts.prompts[n].length if n in prompts.names() else 0 for n in dict.fromkeys(names)}
+        if len(set(lengths.values())) > 1 or 0 in lengths.values():
+            raise PeftjaxError("every example of a mixed batch must get a prompt of one length (prompt tuning adds "
+                               f"positions); the examples' adapters have {lengths}")
+    holders = [*_containers(model).values(), *([prompts] if prompts is not None else [])]
     try:
-        for layer in layers.values():
-            index = {n: i for i, n in enumerate(layer.names())}
-            layer.row_adapters = jnp.asarray([index.get(n, -1) for n in names], jnp.int32)
+        for holder in holders:
+            index = {n: i for i, n in enumerate(holder.names())}
+            holder.row_adapters = jnp.asarray([index.get(n, -1) for n in names], jnp.int32)
         yield model
     finally:
-        for layer in layers.values():
-            layer.row_adapters = None
+        for holder in holders:
+            holder.row_adapters = None

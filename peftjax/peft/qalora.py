@@ -161,10 +161,7 @@ class QALoRALinear(AdapterLinear):
     def delta_weight(self) -> jax.Array:
         return qalora_weight(self.qalora_a[...], self.qalora_b[...], self.scale, self.group_size)
 
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        y = self.base(x)
-        if self.bypass():
-            return y
+    def adapt(self, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
         pooled = group_pool(input_dropout(x, self.dropout, key), self.group_size)
         return y + (pooled @ self.qalora_a[...].astype(x.dtype)) @ (self.qalora_b[...].astype(x.dtype) * self.scale)
 

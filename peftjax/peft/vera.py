@@ -58,10 +58,7 @@ class VeRALinear(AdapterLinear):
         self.vera_d = VeRA(jnp.full((a_DR.shape[1],), d_init, jnp.float32))
         self.vera_b = VeRA(jnp.zeros((base.d_out,), jnp.float32))
 
-    def __call__(self, x, key=None):
-        y = self.base(x)
-        if self.bypass():
-            return y
+    def adapt(self, x, y, key=None):
         return y + vera_delta(x, self.vera_A[...], self.vera_B[...], self.vera_d[...], self.vera_b[...])
 
     def delta_weight(self):

@@ -32,6 +32,18 @@ class AdapterLinear(AdapterModule):
     def __init__(self, base: Linear):
         self.base = base
 
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        y = self.base(x)
+        return y if self.bypass() else self.adapt(x, y, key)
+
+    def adapt(self, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The adapted output for input ``x`` given the base's output ``y = base(x)``, so that several adapters on
+        one base (named adapters in a mixed batch) share one base matmul. A subclass defines ``adapt`` (and
+        inherits ``__call__``) or its own ``__call__``; then this default calls it, computing the base again."""
+        if type(self).__call__ is AdapterLinear.__call__:
+            raise NotImplementedError(f"{type(self).__name__} defines neither adapt nor __call__")
+        return self(x, key)
+
     @property
     def d_in(self) -> int:
         return self.base.d_in
@@ -53,6 +65,23 @@ class AdapterLinear(AdapterModule):
 
     def unmerge_kernel(self, w_DO: jax.Array) -> jax.Array:
         return w_DO - self.delta_weight().astype(w_DO.dtype)
+
+
+class DetachedBase(nnx.Module):
+    """Stands in for the base of a named adapter held by a container that owns the shared base (see
+    :mod:`peftjax.peft.multi`): it knows the base's sizes only, and the container lends the adapter its base for
+    the duration of each call."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.d_in, self.d_out = d_in, d_out
+
+    def __call__(self, x, *args):
+        raise RuntimeError("a named adapter computes only through its container (peftjax.peft.multi)")
+
+
+def is_detached(module: nnx.Module) -> bool:
+    """True for a named adapter inside its container (its container stands for it in merges, exports, summaries)."""
+    return isinstance(getattr(module, "base", None), DetachedBase)
 
 
 def input_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

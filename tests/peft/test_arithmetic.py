@@ -96,7 +96,7 @@ def test_combination_equals_hf_peft_add_weighted_adapter(pair, monkeypatch, meth
     combined = peft.combine_adapters(ours, names, weights, new, method=method, **kw)
 
     expected = _hf_deltas(hf, new)
-    layers = {p: m for p, m in nnx.iter_modules(combined) if isinstance(m, peft.MultiLoRALinear)}
+    layers = {p: m for p, m in nnx.iter_modules(combined) if isinstance(m, peft.NamedAdapterLinear)}
     got = {".".join(map(str, p)): np.asarray(m.adapters[new].delta_weight()) for p, m in layers.items()
            if new in m.adapters}
     assert sorted(got) == sorted(expected) and len(got) == 6  # q_proj, v_proj, down_proj of 2 layers

@@ -83,20 +83,27 @@ def test_import_and_export_match_hf_peft_logits(base_dir, tmp_path, kind):
 
 
 def test_named_adapters_export_one_hf_directory_each(base_dir, tmp_path, randomise):
-    """A model with two named LoRA adapters (other ranks, alphas, targets) is two HF PEFT directories; HF PEFT loads
-    both into one model and gives each adapter's logits."""
+    """A model with named adapters of several types (LoRA, DoRA of another rank, alpha and targets, IA3, LoHa) is
+    one HF PEFT directory per adapter: HF PEFT loads the LoRA ones into one model, the others on their own, and each
+    gives the logits of that adapter here."""
     model = peft.apply(tiny_model(seed=1), peft.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
     model = peft.add_adapter(model, "two", peft.LoRAConfig(rank=2, alpha=6.0, targets=("v_proj", "down_proj"),
-                                                           seed=1))
-    model = randomise(model, peft.LoRA)
+                                                           dora=True, seed=1))
+    model = peft.add_adapter(model, "ia3", peft.IA3Config())
+    model = peft.add_adapter(model, "loha", peft.make_config("loha", rank=2, targets=("k_proj", "up_proj")))
+    model = randomise(model, peft.Adapter)
     out = peft.save_hf_adapters(model, tmp_path / "adapters")
-    assert sorted(p.name for p in out.iterdir()) == ["default", "two"]
+    assert sorted(p.name for p in out.iterdir()) == ["default", "ia3", "loha", "two"]
     hf = peft_hf.PeftModel.from_pretrained(_hf_base(base_dir), out / "default", adapter_name="default")
     hf.load_adapter(out / "two", adapter_name="two")
     ids = random_blocks(2, 7)
-    for name in ("default", "two"):
-        hf.set_adapter(name)
+    for name in ("default", "two", "ia3", "loha"):
+        if name in ("default", "two"):
+            hf.set_adapter(name)
+            theirs = hf.eval()
+        else:
+            theirs = peft_hf.PeftModel.from_pretrained(_hf_base(base_dir), out / name).eval()
         peft.set_adapter(model, name)
-        diff = float(np.abs(_hf_logits(hf.eval(), ids) - np.asarray(model(ids))).max())
+        diff = float(np.abs(_hf_logits(theirs, ids) - np.asarray(model(ids))).max())
         print(f"named adapter {name}: max |logit diff| {diff:.1e}")
         assert diff < 1e-4

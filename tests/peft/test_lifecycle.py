@@ -97,15 +97,6 @@ def test_named_adapters_and_mixed_batch_match_per_example_passes(randomise):
         peft.set_adapter(model, "three")
 
 
-@pytest.mark.parametrize("option, named", [({"dora": True}, "DoRA"), ({"dropout": 0.1}, "dropout 0.1"),
-                                           ({"freeze_a": True}, "LoRA-FA's frozen A")])
-def test_named_adapters_refuse_options_they_would_drop(option, named):
-    model = peft.apply(tiny_model(), peft.LoRAConfig(rank=2, targets="q_proj", **option))
-    with pytest.raises(PeftjaxError, match=rf"layers\.0\.self_attn\.q_proj has {named}.*which named adapters do not "
-                                           "keep"):
-        peft.add_adapter(model, "two", peft.LoRAConfig(rank=2, targets="v_proj"))
-
-
 def test_weighted_combination_cat_is_exact_and_svd_truncates(randomise):
     model, ids = two_adapters(randomise), random_blocks(2, 7)
     layer = model.layers[0].self_attn.v_proj
