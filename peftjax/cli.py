@@ -50,13 +50,19 @@ def cmd_quickstart(args) -> int:
     """Run every point of the config's sweep as its own process (honest peak memory), then the table."""
     from peftjax.config import from_dict, load_dict
     from peftjax.studies.report import comparison_table
-    from peftjax.studies.sweep import as_overrides, expand, point_name, train_command
+    from peftjax.studies.sweep import append_result, as_overrides, expand, point_name, train_command
 
+    config = Path(args.config)
+    if config.resolve().is_relative_to(Path.cwd()):  # recorded commands name the config as a user would type it
+        config = config.resolve().relative_to(Path.cwd())
+    args.config = str(config)
     data = load_dict(args.config)
     points = expand(data.pop("sweep", None))
     for point in points:  # validate every point before any work starts
         from_dict(data, as_overrides(point))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").unlink(missing_ok=True)  # the runs below are overwritten: so are their results
     summaries = []
     for point in points:
         run_dir = out / point_name(point)
@@ -66,6 +72,7 @@ def cmd_quickstart(args) -> int:
         if proc.returncode != 0:
             raise PeftjaxError(f"run {point_name(point)} failed (exit {proc.returncode}); see the output above")
         summaries.append(json.loads((run_dir / "summary.json").read_text()))
+        append_result(out, {"name": point_name(point), "point": point, "status": "ok", "summary": summaries[-1]})
     table = comparison_table(summaries)
     first = summaries[0]
     falls = all(s["eval_loss_after"] < s["eval_loss_before"] for s in summaries)
@@ -76,7 +83,8 @@ def cmd_quickstart(args) -> int:
             f"Eval loss fell for every run: {'yes' if falls else 'NO'}.\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
-    print("\n" + text + f"\nreport written to {out / 'report.md'}")
+    print("\n" + text + f"\nreport written to {out / 'report.md'}; raw results in {out / 'results.jsonl'} "
+          f"(`peftjax report {out} --table lora-vs-qlora`: the QLoRA paper's table of them)")
     return 0 if falls else 1
 
 

@@ -101,7 +101,7 @@ def plan(spec_path: str, out: Path, shard: tuple[int, int] = (0, 1)) -> tuple[di
     return base, [p for i, p in enumerate(points) if i % count == index]
 
 
-def _append_result(out: Path, line: dict) -> None:
+def append_result(out: Path, line: dict) -> None:
     """Append one JSON line under an exclusive lock: workers and shards share results.jsonl."""
     import fcntl
     import json
@@ -179,7 +179,7 @@ def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set
             line = {"name": name, "point": point, "status": "skipped",
                     "summary": json.loads((run_dir / "summary.json").read_text())}
             if name not in _finished_names(out):  # finished, but its line was lost (the sweep was killed)
-                _append_result(out, line)
+                append_result(out, line)
             return line
         if stop is not None and stop.is_set():
             return None
@@ -211,7 +211,7 @@ def run_point(spec_path: str, out: Path, point: dict, *, stop=None, running: set
             lines = (out / "logs" / f"{name}.log").read_text().strip().splitlines()
             line = {"name": name, "point": point, "status": "failed", "exit_code": proc.returncode,
                     "error": lines[-1] if lines else "", "wall_s": time.perf_counter() - start}
-        _append_result(out, line)
+        append_result(out, line)
         return line
     finally:
         lock.__exit__(None, None, None)

@@ -85,3 +85,18 @@ def test_directory_of_another_sweep_is_refused(cli, play_files, tmp_path):
 def test_bad_shard_text():
     with pytest.raises(PeftjaxError, match="--shard expects I/N"):
         parse_shard("3/2")
+
+
+def test_quickstart_runs_its_points_and_keeps_raw_results(cli, play_files, tmp_path):
+    """`peftjax quickstart --config`: every point its own process, the comparison table, and results.jsonl from
+    which `report --table lora-vs-qlora` makes the paper's table."""
+    config = write_spec(play_files, tmp_path, "sweep:\n  zip: {name: [lora, qlora], preset: [lora, qlora]}\n")
+    out = tmp_path / "quick"
+    proc = cli("quickstart", "--config", str(config), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| LoRA |" in proc.stdout and "| QLoRA (NF4+DQ) |" in proc.stdout
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["status"], r["summary"]["quant"]) for r in lines] == [("lora", "ok", None),
+                                                                               ("qlora", "ok", "nf4")]
+    table = cli("report", str(out), "--table", "lora-vs-qlora")
+    assert table.returncode == 0 and "| QLoRA (NF4+DQ) | " in (out / "table.md").read_text()
