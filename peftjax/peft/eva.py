@@ -253,18 +253,65 @@ def eva_init(model: nnx.Module, batches: Iterable, config: LoRAConfig) -> EvaRes
         raise PeftjaxError(f"EVA read only {tokens} tokens for up to {max(max_comp.values())} components per "
                            "layer; give it more data (peft.eva_batches, train.batch_size) or a lower rank / eva_rho")
 
-    new = adapted
+    new = eva_model(model, config, ranks, {p: comps[aliases[p]][:ranks[p]] for p in layers})
+    return EvaResult(model=new, ranks=ranks, ratios={p: ratios[aliases[p]][:max_comp[p]] for p in layers},
+                     components={p: comps[aliases[p]][:max_comp[p]] for p in layers}, batches=used, tokens=tokens,
+                     converged=converged)
+
+
+def eva_model(model: nnx.Module, config: LoRAConfig, ranks: dict[str, int],
+              components: dict[str, np.ndarray]) -> nnx.Module:
+    """A new model with LoRA applied as EVA allots it: each target ``path`` at rank ``ranks[path]`` (0: left as its
+    base layer) with A = ``components[path]`` ((rank, d_in) rows, the principal directions) and B = 0; alpha scaled by
+    rank / r with ``eva_adjust_scaling``. ``model`` is the base, left untouched."""
+    new = apply(model, dataclasses.replace(config, init="default"))
+    layers = adapter_modules(new, LoRALinear)
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        raise PeftjaxError(f"EVA ranks name {unknown[0]}, which this config does not adapt")
     key = jax.random.key(config.seed)
     for path, layer in layers.items():
-        k = ranks[path]
+        k = ranks.get(path, 0)
         if k == 0:
             set_at_path(new, path, layer.base)
             continue
         alpha = layer.alpha * k / layer.rank if config.eva_adjust_scaling else layer.alpha
         built = LoRALinear(layer.base, rank=k, alpha=alpha, rslora=config.rslora, key=key, init="default",
                            dropout=config.dropout, qat=layer.qat, variant=layer.variant, freeze_a=config.freeze_a)
-        built.lora_a.set_value(jnp.asarray(comps[aliases[path]][:k].T, jnp.float32))
+        built.lora_a.set_value(jnp.asarray(np.asarray(components[path])[:k].T, jnp.float32))
         set_at_path(new, path, built)
-    return EvaResult(model=new, ranks=ranks, ratios={p: ratios[aliases[p]][:max_comp[p]] for p in layers},
-                     components={p: comps[aliases[p]][:max_comp[p]] for p in layers}, batches=used, tokens=tokens,
-                     converged=converged)
+    return new
+
+
+def save_eva(path, result: EvaResult, fingerprint: str) -> None:
+    """Keep an EVA initialisation (ranks and A of every target) in ``path`` (.npz, written atomically), so a run's
+    resumption and ``load_run`` rebuild its model without reading data again (:func:`load_eva`)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    meta = {"fingerprint": fingerprint, "ranks": result.ranks, "batches": result.batches, "tokens": result.tokens}
+    arrays = {f"a{i}": np.asarray(result.components[p][:k], np.float32)
+              for i, (p, k) in enumerate(result.ranks.items())}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    os.replace(tmp, path)
+
+
+def load_eva(path, fingerprint: str) -> tuple[dict[str, int], dict[str, np.ndarray], dict] | None:
+    """(ranks, components, meta) kept by :func:`save_eva` for the same ``fingerprint`` (the config and data EVA
+    read); None when there is none, or it was made for another configuration."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        meta = json.loads(bytes(f["meta"]).decode())
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        components = {p: f[f"a{i}"] for i, p in enumerate(meta["ranks"])}
+    return meta["ranks"], components, meta

@@ -24,6 +24,7 @@ from peftjax.models.tokenizer import EncoderTokenizer
 from peftjax.quant.policy import quantize_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVA_FILE = "eva.npz"  # a run directory's EVA initialisation (ranks and A), read back on resumption and by load_run
 
 
 def load_base(config: RunConfig):
@@ -49,10 +50,16 @@ def load_base(config: RunConfig):
     return from_pretrained(mc.name, dtype=dtype, num_layers=mc.num_layers)
 
 
-def build_model(config: RunConfig, base=None, data: "TaskData | None" = None):
+def build_model(config: RunConfig, base=None, data: "TaskData | None" = None, *, eva_cache: Path | None = None):
     """(model, tokenizer): the base (loaded, and quantized by ``config.quant``, unless given), the method applied;
     an encoder first gets its classification head (``data.task: classify``), which every method trains. LoRA's
-    data-driven init EVA reads ``data`` (loaded from the config when not given)."""
+    data-driven init EVA reads ``data`` (loaded from the config when not given), or ``eva_cache`` (a run's
+    ``eva.npz``) when that holds the EVA initialisation of this config."""
+    model, tokenizer, _ = _build_model(config, base, data, eva_cache)
+    return model, tokenizer
+
+
+def _build_model(config: RunConfig, base, data, eva_cache):
     from peftjax.models import BertModel
 
     model, tokenizer = base if base is not None else load_base(config)
@@ -67,30 +74,53 @@ def build_model(config: RunConfig, base=None, data: "TaskData | None" = None):
     elif dc.pooling is not None:
         raise PeftjaxError(f"data.pooling is for encoders (a classifier head); {config.model.name!r} is a decoder, "
                            "which classifies by verbalizer: remove data.pooling")
-    model = _apply_method(model, tokenizer, config, data)
+    model, eva = _apply_method(model, tokenizer, config, data, eva_cache)
     if config.model.scan_layers:
         if isinstance(model, BertModel):
             raise PeftjaxError("model.scan_layers scans decoder layers; an encoder does not use it: set it false")
         model.scan_layers = True
-    return model, tokenizer
+    return model, tokenizer, eva
 
 
 # ---- EVA (LoRA init="eva", peftjax.peft.eva): the one init that reads training data ----
-def _apply_method(model, tokenizer, config: RunConfig, data: "TaskData | None"):
-    """``peft.apply``; for EVA, LoRA initialised from the run's first training batches. Data order and statistics
-    are deterministic, so every build of a config (training, --resume, ``load_run``) gets the same ranks."""
+def _apply_method(model, tokenizer, config: RunConfig, data: "TaskData | None", eva_cache: Path | None = None):
+    """(``peft.apply``'s model, None); for EVA, (LoRA initialised from the run's first training batches, (its
+    :class:`~peftjax.peft.eva.EvaResult`, fingerprint) to keep in the run directory). Data order and statistics are
+    deterministic, so every build of a config gets the same ranks; a kept ``eva_cache`` of the same fingerprint
+    (resumption, ``load_run``) is read instead of the data."""
     if getattr(config.peft, "init", None) != "eva":
-        return peft.apply(model, config.peft)
+        return peft.apply(model, config.peft), None
     if tokenizer is None:  # a shape-only build (memory estimates) has no data: the ranks before redistribution
-        return peft.apply(model, dataclasses.replace(config.peft, init="default"))
-    from peftjax.peft.eva import eva_init
+        return peft.apply(model, dataclasses.replace(config.peft, init="default")), None
+    from peftjax.peft.eva import eva_init, eva_model, load_eva
 
+    fingerprint = eva_fingerprint(config)
+    kept = None if eva_cache is None else load_eva(eva_cache, fingerprint)
+    if kept is not None:
+        ranks, components, meta = kept
+        print(f"peftjax: EVA init read from {eva_cache} (made from {meta['batches']} batches, {meta['tokens']} "
+              f"tokens): total rank {sum(ranks.values())}", file=sys.stderr)
+        return eva_model(model, config.peft, ranks, components), None
     data = data if data is not None else load_data(config, tokenizer)
     eva = eva_init(model, eva_batches(config, data, isinstance(tokenizer, EncoderTokenizer)), config.peft)
     ranks = list(eva.ranks.values())
     print(f"peftjax: EVA init from {eva.batches} batches ({eva.tokens} tokens{', converged' if eva.converged else ''}):"
           f" ranks {min(ranks)}..{max(ranks)} over {len(ranks)} layers, total {sum(ranks)}", file=sys.stderr)
-    return eva.model
+    return eva.model, (eva, fingerprint)
+
+
+def eva_fingerprint(config: RunConfig) -> str:
+    """What an EVA initialisation depends on: the base (model, quantization), the LoRA config, the data and the
+    order of the first batches (train.seed, train.batch_size); sha256 of them."""
+    import hashlib
+    import json
+
+    from peftjax.config import to_dict
+
+    d = to_dict(config)
+    keep = {k: d.get(k) for k in ("model", "quant", "peft", "data")}
+    keep["train"] = {k: d.get("train", {}).get(k) for k in ("seed", "batch_size")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def eva_batches(config: RunConfig, data: "TaskData", encoder: bool = False):
@@ -118,16 +148,22 @@ class Built:
     model: nnx.Module
     tokenizer: object
     data: "TaskData | None"
+    eva: tuple | None = None  # (EvaResult, fingerprint) when EVA read data here: for the run directory's eva.npz
 
 
-def build(config: RunConfig, *, with_data: bool = True) -> Built:
-    """Model, tokenizer and (unless ``with_data=False``) the task's data for ``config``."""
+def build(config: RunConfig, *, with_data: bool = True, eva_cache: Path | None = None) -> Built:
+    """Model, tokenizer and (unless ``with_data=False``) the task's data for ``config``; ``eva_cache``: see
+    :func:`build_model`."""
+    from peftjax.peft.eva import load_eva
+
     base = load_base(config)
-    data = load_data(config, base[1]) if getattr(config.peft, "init", None) == "eva" else None  # EVA reads it
-    model, tokenizer = build_model(config, base, data)
+    eva_reads = getattr(config.peft, "init", None) == "eva" and (
+        eva_cache is None or load_eva(eva_cache, eva_fingerprint(config)) is None)
+    data = load_data(config, base[1]) if eva_reads else None  # EVA reads it
+    model, tokenizer, eva = _build_model(config, base, data, eva_cache)
     if with_data and data is None:
         data = load_data(config, tokenizer)
-    return Built(model, tokenizer, data if with_data else None)
+    return Built(model, tokenizer, data if with_data else None, eva)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,8 @@ from peftjax.data import index_batches
 from peftjax.errors import PeftjaxError
 from peftjax.peft import get_method
 from peftjax.quant.policy import rule_bits
-from peftjax.train.build import DTYPES, build
+from peftjax.peft.eva import save_eva
+from peftjax.train.build import DTYPES, EVA_FILE, build
 from peftjax.train.checkpoint import Checkpointer, directory_bytes
 from peftjax.train.optim import make_optimizer, make_regularizer
 from peftjax.train.placement import place
@@ -124,8 +125,8 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
     t_start = time.perf_counter()
     warm_up_compiler()
     rss_start = rss_bytes()  # the interpreter, libraries and the compiler's start-up, before any model or data
-    built = build(config)
-    data, model = built.data, built.model
+    built = build(config, eva_cache=out / EVA_FILE if resume else None)
+    data, model, eva = built.data, built.model, built.eva
     rule_report = rule_bits(model)
     del built
     n_virtual = model.num_virtual_tokens()
@@ -179,9 +180,12 @@ def _run(config: RunConfig, out: Path, *, overwrite: bool, progress: bool, resum
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            if eva is not None:  # resumption and load_run rebuild the EVA init from it, without the data pass
+                save_eva(out / EVA_FILE, *eva)
     except OSError as e:
         raise PeftjaxError(f"cannot write the run directory {out} ({e.strerror or e}); choose a writable "
                            "--out") from None
+    eva = None
     sharding.barrier("run directory written")  # the other processes use it (checkpoints) after process 0 made it
     ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
     if resume:

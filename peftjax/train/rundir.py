@@ -132,14 +132,14 @@ def load_run(run_dir: str | Path, step: int | None = None):
     """(model, tokenizer) of a trained run: the model rebuilt from ``run_dir/config.yaml`` (base, quantization,
     PEFT method) with the trainable parameters of checkpoint ``step`` (default: the latest) restored."""
     from peftjax.config import from_dict
-    from peftjax.train.build import build_model
+    from peftjax.train.build import EVA_FILE, build_model
     from peftjax.train.checkpoint import Checkpointer
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise PeftjaxError(f"{run_dir} is not a run directory (no config.yaml)")
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    model, tokenizer = build_model(config)
+    model, tokenizer = build_model(config, eva_cache=run_dir / EVA_FILE)
     if config.data.chat_template is not None:
         tokenizer.chat_template = config.data.chat_template
     graphdef, trainable, frozen = partition.split(model)

@@ -221,7 +221,7 @@ def test_hf_adapter_round_trip_with_unadapted_layers(base, batches, tmp_path, ra
     np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(trained(ids)))
 
 
-def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, config):
+def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, config, capsys):
     text = config.read_text()
     assert "peft: {method: lora, rank: 4}" in text
     config.write_text(text.replace("peft: {method: lora, rank: 4}", "peft: {method: lora, rank: 4, init: eva, "
@@ -237,9 +237,17 @@ def test_trains_from_yaml_and_bad_field_is_exit_2(cli, tiny_args, tmp_path, conf
     assert "init: eva" in (out / "config.yaml").read_text()
     from peftjax.train.rundir import load_run
 
-    model, _ = load_run(out)  # rebuilt from the config: the same data, so the same EVA ranks, then restored
+    capsys.readouterr()
+    model, _ = load_run(out)  # rebuilt from the run's eva.npz (no data pass), then restored
+    assert "EVA init read from" in capsys.readouterr().err
     ranks = {p: m.rank for p, m in adapter_modules(model, LoRALinear).items()}
     assert sum(ranks.values()) == 56 and len(set(ranks.values())) > 1
+    (out / "eva.npz").unlink()  # without it: the data pass again, the same ranks (deterministic)
+    again, _ = load_run(out)
+    assert "EVA init from 3 batches" in capsys.readouterr().err
+    assert {p: m.rank for p, m in adapter_modules(again, LoRALinear).items()} == ranks
+    ids = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
 
     bad = cli("train", str(config), *tiny_args, "--set", "peft.eva_rho=0.5",
               "--out", str(tmp_path / "bad"))
