@@ -154,6 +154,30 @@ def test_quickstart_on_8_devices_gives_the_one_device_summary(tmp_path):
                for a, b in zip(*map(jax.tree.leaves, restored), strict=True)) <= TOL
 
 
+def test_sigkill_on_a_mesh_then_resume_is_bitwise_equal_to_uninterrupted(play_files, tmp_path):
+    """QLoRA with dropout on FSDP=2 x DP=2 (4 virtual devices): killed after step 13 and resumed from its step-10
+    checkpoint, the run ends bitwise where the uninterrupted run on the same mesh ends (restored onto one device)."""
+    from peftjax.train import load_run
+    from tests.train.test_checkpoint import run_until
+
+    files = ", ".join(map(str, play_files))
+    (tmp_path / "c.yaml").write_text(
+        "name: k\nmodel: {name: tiny}\npreset: qlora\npeft: {method: lora, rank: 4, dropout: 0.1}\n"
+        f"data: {{dataset: files, eval_docs: 1, seq_len: 32, max_eval_blocks: 2, files: [{files}]}}\n"
+        "train: {steps: 16, batch_size: 4, learning_rate: 0.01, warmup_steps: 3, save_every: 10, log_every: 1}\n")
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(tmp_path / "c.yaml"), "--mesh", "data=2,fsdp=2",
+           "--no-progress", "--out"]
+    assert run_until(cmd + [str(tmp_path / "killed")], tmp_path / "killed", "step", 13, env=_env(4)) == 10
+    _wait([_spawn(cmd + [str(tmp_path / "killed"), "--resume"], _env(4)),
+           _spawn(cmd + [str(tmp_path / "full")], _env(4))])
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 10 and summary["mesh"]["fsdp"] == 2
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    trained = [jax.tree.leaves(partition.split(load_run(tmp_path / name)[0])[1]) for name in ("killed", "full")]
+    for a, b in zip(*trained, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _restore(directory: Path, template, config):
     ckpt = Checkpointer(directory)
     try:

@@ -52,9 +52,9 @@ def _kill_points(seed: int, steps: int) -> list[tuple[str, int]]:
     return [(rng.choice(["step", "save"]), s) for s in sorted(rng.sample(range(12, steps - 4), 4))]
 
 
-def _run_until(cmd, run_dir, phase: str, step: int):
+def run_until(cmd, run_dir, phase: str, step: int, env=None):
     """Start ``cmd`` and SIGKILL it at (phase, step); the checkpoint step it leaves behind."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metrics, checkpoints = run_dir / "metrics.jsonl", run_dir / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -80,7 +80,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_equal_to_uninterrupted(
     cmd = [sys.executable, "-m", "peftjax.cli", "train", str(config), "--no-progress", "--out", str(killed)]
     resumed_from = []
     for i, (phase, step) in enumerate(_kill_points(seed, 60)):
-        resumed_from.append(_run_until(cmd + (["--resume"] if i else []), killed, phase, step))
+        resumed_from.append(run_until(cmd + (["--resume"] if i else []), killed, phase, step))
         assert resumed_from[-1] is not None and resumed_from[-1] <= step
     assert not (killed / "summary.json").exists()
     # and the last kill's checkpoint is corrupt (4 bytes flipped in a data file): the resume falls back a checkpoint
