@@ -137,11 +137,11 @@ def _damage_checkpoints(how: str, steps=("4",)):
 
 
 def _changed_values(w: Work):
-    """Values that decode but differ from what was saved: the recorded sha256 of one leaf no longer matches."""
+    """Values that decode but differ from what was saved: the recorded checksum of one leaf no longer matches."""
     run = w.copy_run()
     meta_file = run / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
-    meta["sha256"]["trainable"][0] = "0" * 64
+    meta["checksum"]["trainable"][0] = "0" * 16
     meta_file.write_text(json.dumps(meta))
 
 
@@ -271,15 +271,17 @@ def _layer_1_adapter(w: Work):
 
 
 def _alpha_is_hf_default(w: Work, model):
-    from peftjax.peft.hf import _lora_layers
+    from peftjax.peft import LoRALinear
+    from peftjax.peft.hf_format import adapter_modules
 
-    assert {layer.alpha for layer in _lora_layers(model).values()} == {8.0}
+    assert {layer.alpha for layer in adapter_modules(model, LoRALinear).values()} == {8.0}
 
 
 def _only_layer_1(w: Work, model):
-    from peftjax.peft.hf import _lora_layers
+    from peftjax.peft import LoRALinear
+    from peftjax.peft.hf_format import adapter_modules
 
-    assert sorted(_lora_layers(model)) == ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    assert sorted(adapter_modules(model, LoRALinear)) == ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
 
 
 def _metrics_are_json(w: Work, _=None):
@@ -378,7 +380,7 @@ CASES = [
          "using the previous intact checkpoint, step 2", ("generate", "{run}", "Enter", "--max-new-tokens", "2"),
          setup=_damage_checkpoints("garbage")),
     Case("ckpt-latest-changed-values", "checkpoints", "the latest checkpoint's values changed (orbax reads them "
-         "back without complaint)", 0, "does not match its recorded sha256; using the previous intact checkpoint, "
+         "back without complaint)", 0, "does not match its recorded checksum; using the previous intact checkpoint, "
          "step 2", ("generate", "{run}", "Enter", "--max-new-tokens", "2"), setup=_changed_values),
     Case("ckpt-all-truncated", "checkpoints", "every checkpoint's data files truncated", 2,
          "is unreadable", ("generate", "{run}", "Enter", "--max-new-tokens", "2"),
