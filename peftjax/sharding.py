@@ -276,6 +276,8 @@ def put(tree, shardings):
         shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:  # already there (a checkpoint restored into ``s``)
+            return x
         if jax.process_count() == 1:
             return jax.device_put(x, s)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a key: its integer data, wrapped again

@@ -12,9 +12,15 @@ Orbax writes a checkpoint into a temporary directory and renames it when complet
 save leaves the previous checkpoint usable (the half-written one is ignored and cleaned up later). Restoring into a
 model whose identity differs raises :class:`PeftjaxError` naming the field that differs.
 
-Orbax checks its own index, not the values, so ``meta`` also holds the sha256 of every saved leaf's bytes; a restore
-compares them. A latest checkpoint that is corrupt or truncated is skipped with a one-line warning for the previous
-intact one; when none is intact (or an explicitly named step is corrupt) the error names the directory.
+Leaves are saved as they lie: a leaf sharded over a mesh (and over processes) is written by the processes that hold
+its shards, never gathered, and a restore reads each leaf straight into the sharding of the template it is given
+(another mesh, or one device), so a checkpoint moves between meshes.
+
+Orbax checks its own index, not the values, so ``meta`` also holds a 64-bit checksum of every saved leaf's bits
+(:func:`leaf_checksums`: computed where the leaf lies, the same on any mesh); a restore compares them (checkpoints of
+earlier versions hold sha256s of the gathered bytes, checked as such). A latest checkpoint that is corrupt or
+truncated is skipped with a one-line warning for the previous intact one; when none is intact (or an explicitly
+named step is corrupt) the error names the directory.
 """
 from __future__ import annotations
 
@@ -32,12 +38,43 @@ from peftjax.sharding import host_value
 
 
 class CorruptCheckpoint(PeftjaxError):
-    """A checkpoint whose files cannot be read or whose leaves do not match their recorded sha256."""
+    """A checkpoint whose files cannot be read or whose leaves do not match their recorded checksums."""
 
 
 def leaf_hashes(leaves: list) -> list[str]:
-    """sha256 of each leaf's bytes (C order), what ``meta`` records and a restore checks."""
+    """sha256 of each leaf's bytes (C order): what checkpoints of earlier versions record."""
     return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in leaves]
+
+
+@jax.jit
+def _checksum(x):
+    """Two position-weighted sums (mod 2^32) of the leaf's bits, mixed: integer sums are exact in any order, so the
+    value does not depend on how the leaf is sharded."""
+    import jax.numpy as jnp
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    out = []
+    for a, b in ((0x9E3779B1, 0x85EBCA77), (0xC2B2AE3D, 0x27D4EB2F)):
+        h = (bits ^ (i * jnp.uint32(a))) * jnp.uint32(b)
+        out.append(jnp.sum(h ^ (h >> 15), dtype=jnp.uint32))
+    return jnp.stack(out)
+
+
+def leaf_checksums(leaves: list) -> list[str]:
+    """A 64-bit checksum (hex) of each leaf's bits, computed on its devices (every process must call it for leaves
+    sharded over processes); what ``meta`` records and a restore checks."""
+    out = []
+    for x in leaves:
+        value = _checksum(x)
+        pair = np.asarray(value.addressable_data(0) if isinstance(value, jax.Array) else value)
+        out.append(f"{int(pair[0]):08x}{int(pair[1]):08x}")
+    return out
 
 
 def _reason(e: BaseException) -> str:
@@ -60,11 +97,19 @@ def identity(config) -> dict:
 
 
 def _flatten(tree) -> tuple[list, list[dict]]:
+    """(the leaves as they lie, sharded ones not gathered; their paths, shapes and dtypes)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = [host_value(x) for _, x in flat]  # a sharded leaf whole (gathered from every process)
-    specs = [{"path": jax.tree_util.keystr(p, simple=True, separator="/"), "shape": list(x.shape),
+    leaves = [x for _, x in flat]
+    specs = [{"path": jax.tree_util.keystr(p, simple=True, separator="/"), "shape": list(np.shape(x)),
               "dtype": str(x.dtype)} for (p, _), x in zip(flat, leaves)]
     return leaves, specs
+
+
+def _target(x):
+    """What orbax restores a leaf into: the template's sharding when it has one, else a host array."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.zeros(np.shape(x), x.dtype)
 
 
 def _manager(directory: Path, keep: int | None = None):
@@ -94,7 +139,8 @@ class Checkpointer:
         meta = {"step": step, "data_position": data_position, "seed": config.train.seed,
                 "rng": {"seed": config.train.seed, "step": step}, "identity": identity(config),
                 "trainable": t_specs, "opt_state": o_specs,
-                "sha256": {"trainable": leaf_hashes(t_leaves), "opt_state": leaf_hashes(o_leaves)}, **(extra or {})}
+                "checksum": {"trainable": leaf_checksums(t_leaves), "opt_state": leaf_checksums(o_leaves)},
+                **(extra or {})}
         try:
             self._mgr.save(step, args=ocp.args.Composite(
                 trainable=ocp.args.StandardSave(t_leaves), opt_state=ocp.args.StandardSave(o_leaves),
@@ -119,7 +165,7 @@ class Checkpointer:
 
         Raises :class:`PeftjaxError` when the checkpoint belongs to a different model (the differing field is
         named) or when its leaves do not match ``trainable`` / ``opt_state``; :class:`CorruptCheckpoint` when
-        ``step`` (or, without ``step``, every checkpoint) is unreadable or fails its sha256. Without ``step`` a
+        ``step`` (or, without ``step``, every checkpoint) is unreadable or fails its checksums. Without ``step`` a
         corrupt latest checkpoint is skipped for the previous one with a one-line warning (``warn``, default:
         stderr).
         """
@@ -170,21 +216,25 @@ class Checkpointer:
             _check_specs(name.replace("_", " "), meta[name], _flatten(tree)[1])
         try:
             restored = self._mgr.restore(step, args=ocp.args.Composite(**{
-                name: ocp.args.StandardRestore([np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+                name: ocp.args.StandardRestore([_target(x) for x in jax.tree.leaves(tree)])
                 for name, tree in trees.items()}))
-            leaves = {name: [np.asarray(x) for x in restored[name]] for name in trees}
+            leaves = {name: [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in restored[name]]
+                      for name in trees}
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpoint(f"checkpoint {where} is unreadable ({_reason(e)})") from None
-        recorded = meta.get("sha256") or {}  # checkpoints of older peftjax versions hold no hashes
+        # checksums of this version, or sha256s of earlier ones (of the gathered bytes), or none (older still)
+        kind, recorded, digest = "checksum", meta.get("checksum"), leaf_checksums
+        if recorded is None:
+            kind, recorded = "sha256", meta.get("sha256") or {}
+            digest = lambda leaves: leaf_hashes([host_value(x) for x in leaves])  # noqa: E731
         for name in trees:
             if name not in recorded:
                 continue
-            for i, (got, want) in enumerate(zip(leaf_hashes(leaves[name]), recorded[name], strict=True)):
+            for i, (got, want) in enumerate(zip(digest(leaves[name]), recorded[name], strict=True)):
                 if got != want:
                     raise CorruptCheckpoint(f"checkpoint {where / name} is corrupt: leaf {meta[name][i]['path']} "
-                                            "does not match its recorded sha256")
-        out = {name: jax.tree.unflatten(jax.tree.structure(tree), [jax.numpy.asarray(x) for x in leaves[name]])
-               for name, tree in trees.items()}
+                                            f"does not match its recorded {kind}")
+        out = {name: jax.tree.unflatten(jax.tree.structure(tree), leaves[name]) for name, tree in trees.items()}
         return out["trainable"], out.get("opt_state"), meta
 
     def discard_after(self, step: int) -> None:

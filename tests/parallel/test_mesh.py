@@ -147,7 +147,7 @@ def test_quickstart_on_8_devices_gives_the_one_device_summary(tmp_path):
         assert abs(eight[key] - one[key]) <= TOL, key
     assert eight["frozen_bytes"] == one["frozen_bytes"] == one["frozen_bytes_per_device"]
     assert eight["frozen_bytes_per_device"] < one["frozen_bytes"] / 3.9  # split 4 ways (fsdp), norms whole
-    # the 8-device checkpoint restores onto this one device (sha256 of every leaf checked) as the one-device run's
+    # the 8-device checkpoint restores onto this one device (checksum of every leaf checked) as the one-device run's
     _, template, _ = partition.split(build(config, with_data=False).model)
     restored = [_restore(tmp_path / name / "checkpoints", template, config) for name in ("eight", "one")]
     assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -197,7 +197,7 @@ def _free_port() -> int:
 def test_two_processes_of_4_devices_train_as_one_process_of_8(table, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed, gloo over loopback) on the FSDP=4 x DP=2 mesh give the losses
     of the one-process 8-device run of the same config (the table's row) and of one device; the checkpoint they
-    write collectively restores onto this process's one device (its leaves' sha256 checked: bitwise)."""
+    write collectively restores onto this process's one device (its leaves' checksums checked: bitwise)."""
     config = tiny_config(write_texts(tmp_path / "texts"), None)
     (tmp_path / "c.yaml").write_text(json.dumps({**config, "name": "two"}))  # JSON is YAML
     cmd = [sys.executable, "-m", "peftjax.cli", "train", str(tmp_path / "c.yaml"), "--mesh", "data=2,fsdp=4",

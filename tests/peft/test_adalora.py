@@ -191,7 +191,7 @@ def test_adalora_trains_from_yaml_to_its_final_budget_and_resumes_bitwise(cli, t
     proc = cli("train", str(config), *tiny_args, "--out", str(resumed), "--resume")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 4
-    hashes = [json.loads((run / "checkpoints" / "12" / "meta" / "metadata").read_text())["sha256"]
+    hashes = [json.loads((run / "checkpoints" / "12" / "meta" / "metadata").read_text())["checksum"]
               for run in (out, resumed)]
     assert hashes[0] == hashes[1]  # every trainable and optimizer-state leaf (the allocator's too), bitwise
 

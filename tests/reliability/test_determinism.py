@@ -14,8 +14,8 @@ def _config(files, seed=0):
 
 
 def _hashes(run_dir, step=3):
-    """The sha256 of every saved trainable and optimizer leaf (recorded in the checkpoint's meta)."""
-    return json.loads((run_dir / "checkpoints" / str(step) / "meta" / "metadata").read_text())["sha256"]
+    """The checksum of every saved trainable and optimizer leaf (recorded in the checkpoint's meta)."""
+    return json.loads((run_dir / "checkpoints" / str(step) / "meta" / "metadata").read_text())["checksum"]
 
 
 def _losses(run_dir):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from peftjax import partition
-from peftjax.train.checkpoint import Checkpointer
+from peftjax.train.checkpoint import Checkpointer, leaf_checksums, leaf_hashes
 from peftjax.config import from_dict
 from peftjax.errors import PeftjaxError
 from peftjax.train import load_run, make_optimizer, build_model
@@ -120,7 +120,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     child = textwrap.dedent(f"""
         import sys, time
         import orbax.checkpoint as ocp
-        from peftjax.train.checkpoint import Checkpointer
+        from peftjax.train.checkpoint import Checkpointer, leaf_checksums, leaf_hashes
         from peftjax.config import from_dict
         from peftjax import partition
         from peftjax.train import build_model, make_optimizer
@@ -228,17 +228,31 @@ def test_no_intact_checkpoint_is_one_line_naming_it(tmp_path):
     assert " is corrupt: leaf " in message or " is unreadable (" in message
 
 
-def test_values_that_differ_from_their_recorded_sha256_are_refused(tmp_path):
-    """Orbax reads back whatever bytes decode; only the recorded hashes tell a changed value."""
+def test_values_that_differ_from_their_recorded_checksum_are_refused(tmp_path):
+    """Orbax reads back whatever bytes decode; only the recorded checksums tell a changed value (and a checkpoint of
+    an earlier version, with sha256s, is checked by them)."""
     config = from_dict(TINY)
     trainable, opt_state = _state(config)
     Checkpointer(tmp_path).save(1, trainable, opt_state, config=config, data_position=1)
     meta_file = tmp_path / "1" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
-    meta["sha256"]["trainable"][3] = "0" * 64
+    saved = meta["checksum"]["trainable"][3]
+    meta["checksum"]["trainable"][3] = "0" * 16
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(PeftjaxError, match=rf"checkpoint {tmp_path / '1' / 'trainable'} is corrupt: leaf "
-                                           rf"{meta['trainable'][3]['path']} does not match its recorded sha256"):
+                                           rf"{meta['trainable'][3]['path']} does not match its recorded checksum"):
+        Checkpointer(tmp_path).restore(trainable, config=config, step=1)
+    # a one-bit change of a value changes its checksum
+    leaves = jax.tree.leaves(trainable)
+    flipped = np.asarray(leaves[3]).copy()
+    flipped.view(np.uint32).reshape(-1)[5] ^= 1
+    assert leaf_checksums([flipped])[0] != saved == leaf_checksums([leaves[3]])[0]
+    # an earlier version's checkpoint (sha256 of the bytes, no checksums) is still checked
+    del meta["checksum"]
+    meta["sha256"] = {"trainable": leaf_hashes([np.asarray(x) for x in leaves]), "opt_state": []}
+    meta["sha256"]["trainable"][3] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(PeftjaxError, match="does not match its recorded sha256"):
         Checkpointer(tmp_path).restore(trainable, config=config, step=1)
 
 
