@@ -14,7 +14,7 @@ from peftjax.studies.report import generated_markers
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 TABLES = {"bits_ablation": "bits", "forgetting": "methods", "lora_vs_qlora": "lora-vs-qlora", "methods": "methods",
           "rank_ablation": "rank", "loraplus": "methods",
-          "qlora_accuracy": "methods", "quickstart": "lora-vs-qlora"}
+          "qlora_accuracy": "methods", "quickstart": "lora-vs-qlora", "loftq": "methods"}
 # README tables that are still pasted console output, with no raw results committed to generate them from: they are
 # to be re-recorded by a run that writes its raw results (issue 18). memory's estimator tables are generated (tested
 # below); its SmolLM2 table compares the estimate with a methods sweep's runs, which are not committed.
