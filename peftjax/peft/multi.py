@@ -216,10 +216,10 @@ def add_adapter(model: nnx.Module, name: str, adapter) -> nnx.Module:
     else:
         adapted, what = _applied(bare, adapter), f"method {method_for_config(adapter).name}"
     _check_can_be_named(adapted, what)
-    bases, own = modules_of_type(bare, Linear), modules_of_type(model, Linear)
+    bases, own, holders = modules_of_type(bare, Linear), modules_of_type(model, Linear), _containers(model)
     for path, layer in adapter_modules(adapted, AdapterLinear).items():
         _check_same_base(path, layer.base, bases.get(path), what)
-        holder = _containers(model).get(path)
+        holder = holders.get(path)
         if holder is None:
             set_at_path(model, path, NamedAdapterLinear(own[path], {name: layer}, None))
         else:
