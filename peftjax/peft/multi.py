@@ -150,6 +150,12 @@ def _prompts(model: nnx.Module) -> NamedPrompts | None:
     return prompt if isinstance(prompt, NamedPrompts) else None
 
 
+def _holders(model: nnx.Module) -> list[NamedAdapterLinear | NamedPrompts]:
+    """Every module of ``model`` that holds named adapters: its containers, then its named prompts."""
+    prompts = _prompts(model)
+    return [*_containers(model).values(), *([prompts] if prompts is not None else [])]
+
+
 def _check_can_be_named(model: nnx.Module, what: str) -> None:
     """One line for adapters a named-adapter model cannot hold (they do not act on a linear layer's output)."""
     for path, module in adapter_modules(model, AdapterModule).items():
@@ -187,8 +193,8 @@ def _weights(module: nnx.Module) -> list:
 
 def active_adapter(model: nnx.Module) -> str | None:
     """The name of the active adapter (None: none is, or the model has no named adapters)."""
-    for holder in [*_containers(model).values(), _prompts(model)]:
-        if holder is not None and holder.active is not None:
+    for holder in _holders(model):
+        if holder.active is not None:
             return holder.active
     return None
 
@@ -256,9 +262,8 @@ def _check_same_base(path: str, base: nnx.Module, shared: nnx.Module | None, wha
 
 def adapter_names(model: nnx.Module) -> list[str]:
     names: dict[str, None] = {}
-    for holder in [*_containers(model).values(), _prompts(model)]:
-        if holder is not None:
-            names.update(dict.fromkeys(holder.names()))
+    for holder in _holders(model):
+        names.update(dict.fromkeys(holder.names()))
     return list(names)
 
 
@@ -272,9 +277,7 @@ def set_adapter(model: nnx.Module, name: str | None) -> nnx.Module:
     """Make ``name`` the active adapter (in place; ``None``: none). Layers without it compute the base."""
     if name is not None:
         _check_name(model, name)
-    for holder in [*_containers(model).values(), _prompts(model)]:
-        if holder is None:
-            continue
+    for holder in _holders(model):
         if getattr(holder, "merged", False):
             raise PeftjaxError("cannot switch adapters on a merged model; unmerge it first")
         holder.active = name if name is not None and name in holder.names() else None
@@ -374,16 +377,15 @@ def _check_combination(method, names, weights, rank, density, majority_sign, see
 @contextlib.contextmanager
 def mixed_adapters(model: nnx.Module, names: list[str | None]):
     """Within the block, example i of a batch uses adapter ``names[i]`` (None: the base), in one forward pass."""
-    for n in names:
-        if n is not None:
-            _check_name(model, n)
+    for n in dict.fromkeys(n for n in names if n is not None):  # each name checked once, not once per example
+        _check_name(model, n)
     prompts = _prompts(model)
     if prompts is not None and len(prompts.names()):
         lengths = {n: prompts.prompts[n].length if n in prompts.names() else 0 for n in dict.fromkeys(names)}
         if len(set(lengths.values())) > 1 or 0 in lengths.values():
             raise PeftjaxError("every example of a mixed batch must get a prompt of one length (prompt tuning adds "
                                f"positions); the examples' adapters have {lengths}")
-    holders = [*_containers(model).values(), *([prompts] if prompts is not None else [])]
+    holders = _holders(model)
     try:
         for holder in holders:
             index = {n: i for i, n in enumerate(holder.names())}
