@@ -49,7 +49,13 @@ BATCH_AXES = ("data", "fsdp")  # the rows of a batch are split over both
 # logical axis -> mesh axis (None: replicated); ``mesh.rules`` in a run config overrides entries
 DISTRIBUTED_ENV = "PEFTJAX_DISTRIBUTED"  # "1": start jax.distributed from the cluster's own environment
 
-LOGICAL_RULES: dict[str, str | None] = {"embedding": "tensor", "hidden": "fsdp", "heads": "tensor", "mlp": "tensor"}
+# (a tuple: those mesh axes together, each kept while the product still divides the array axis). The embedding's
+# vocabulary is split over fsdp and tensor: under FSDP a width-split table would make XLA gather the whole table for
+# the head's logits (measured 3 copies, 335 MiB per device, on SmolLM2's shape); split by vocabulary, each device
+# computes its slice of the logits from a gathered chunk of rows (vocabulary-parallel cross-entropy, as Megatron-LM
+# does over tensor).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {"embedding": ("fsdp", "tensor"), "hidden": "fsdp",
+                                                         "heads": "tensor", "mlp": "tensor"}
 
 # a linear layer's module name -> the logical axes of its (d_in, d_out) kernel
 LINEAR_AXES = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "heads"), "v_proj": ("hidden", "heads"),
@@ -165,12 +171,16 @@ class Layout:
         return self.mesh.shape[axis]
 
     def _spec(self, shape, axes) -> P:
-        """``axes[i]`` on array axis i where it divides it, each mesh axis once."""
+        """``axes[i]`` (a mesh axis, a tuple of them, or None) on array axis i, each mesh axis at most once per
+        array; of a rule's mesh axes, those not used yet whose sizes, multiplied in order, still divide the axis."""
         used, out = set(), []
         for n, axis in zip(shape, axes):
-            ok = axis is not None and axis not in used and n % self._size(axis) == 0
-            used |= {axis} if ok else set()
-            out.append(axis if ok else None)
+            chosen = []
+            for a in mesh_axes(axis):
+                if a not in used and n % (math.prod(map(self._size, chosen)) * self._size(a)) == 0:
+                    chosen.append(a)
+            used |= set(chosen)
+            out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
         return P(*out)
 
     def _leaf(self, path, x) -> NamedSharding | QArray:
@@ -197,7 +207,7 @@ class Layout:
     def _qarray(self, q: QArray, kernel: _Kernel | None) -> QArray:
         """Codes and per-block scales split into the same contiguous runs of whole blocks (module docstring)."""
         rep = self.replicated
-        axes = () if kernel is None else tuple(dict.fromkeys(a for a in kernel.axes[::-1] if a is not None))
+        axes = () if kernel is None else tuple(dict.fromkeys(a for rule in kernel.axes[::-1] for a in mesh_axes(rule)))
         ways = math.prod(self._size(a) for a in axes)
         per_shard = q.size // ways if ways and q.size % ways == 0 else 0
         aligned = ways > 1 and per_shard and q.padding == 0 and per_shard * q.bits % 8 == 0 \
@@ -239,6 +249,13 @@ class Layout:
             return None
         return (f"peftjax: note: train.batch_size {rows} does not split over mesh data x fsdp = {self.batch_ways} "
                 f"devices, so some devices repeat the same rows; a multiple of {self.batch_ways} uses them all")
+
+
+def mesh_axes(rule) -> tuple[str, ...]:
+    """The mesh axes of a logical-axis rule: a name, a tuple or list of names, or None (none)."""
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
 def _owner(names, table) -> int | None:
@@ -327,5 +344,5 @@ def per_device_nbytes(tree) -> int:
 
 
 __all__ = ["BATCH_AXES", "EMBEDDING_AXES", "LINEAR_AXES", "LOGICAL_RULES", "Layout", "MESH_AXES", "barrier",
-           "host_value", "initialize_distributed", "make_mesh", "mesh_overrides", "optimizer_shardings", "parse_mesh",
-           "per_device_nbytes", "put", "put_rows"]
+           "host_value", "initialize_distributed", "make_mesh", "mesh_axes", "mesh_overrides", "optimizer_shardings",
+           "parse_mesh", "per_device_nbytes", "put", "put_rows"]

@@ -108,14 +108,15 @@ class TrainConfig:
 class MeshConfig:
     """The device mesh of a run (:mod:`peftjax.sharding`): ``data`` x ``fsdp`` x ``tensor`` devices, their product the
     devices used; ``data: null`` (the default) takes every device the other two leave. ``rules`` overrides entries
-    of the logical-axis table (``{hidden: fsdp, heads: tensor, ...}``, a mesh axis or null for replicated).
+    of the logical-axis table (``{hidden: fsdp, embedding: [fsdp, tensor], ...}``: a mesh axis, a list of them, or
+    null for replicated).
     ``coordinator`` / ``num_processes`` / ``process_id`` start ``jax.distributed`` for a multi-host run (unset: from
     the usual environment variables, or one process)."""
 
     data: int | None = None
     fsdp: int = 1
     tensor: int = 1
-    rules: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    rules: dict[str, str | list[str] | None] = dataclasses.field(default_factory=dict)
     coordinator: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
     process_id: int | None = None
@@ -416,8 +417,10 @@ def _check_mesh(mesh: MeshConfig) -> None:
         if logical not in LOGICAL_RULES:
             raise PeftjaxError(f"mesh.rules has unknown logical axis {logical!r}; logical axes: "
                                f"{', '.join(LOGICAL_RULES)}")
-        if axis is not None and axis not in MESH_AXES:
-            raise PeftjaxError(f"mesh.rules.{logical} must be one of {', '.join(MESH_AXES)} or null, got {axis!r}")
+        names = [axis] if isinstance(axis, str) else axis or []
+        if any(a not in MESH_AXES for a in names) or len(set(names)) < len(names):
+            raise PeftjaxError(f"mesh.rules.{logical} must be one of {', '.join(MESH_AXES)}, a list of distinct ones, "
+                               f"or null, got {axis!r}")
     distributed = (mesh.coordinator, mesh.num_processes, mesh.process_id)
     if any(v is not None for v in distributed) and any(v is None for v in distributed):
         raise PeftjaxError("mesh.coordinator, mesh.num_processes and mesh.process_id go together: set all three "

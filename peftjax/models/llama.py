@@ -30,6 +30,7 @@ from flax import nnx
 
 from peftjax.errors import PeftjaxError
 from peftjax.models.rope import RopeScaling, apply_rope, rope_cos_sin
+from peftjax.models.spmd import constrain_rows
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
@@ -307,6 +308,11 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
     def __call__(self, h_ND, shape_BT, cos, sin, cache_kv=None, cache_length=None, key=None):
+        """The layer on token rows ``h_ND``, kept split by rows on a mesh (:mod:`peftjax.models.spmd`)."""
+        out, new_kv = self._block(constrain_rows(h_ND), shape_BT, cos, sin, cache_kv, cache_length, key)
+        return constrain_rows(out), new_kv
+
+    def _block(self, h_ND, shape_BT, cos, sin, cache_kv, cache_length, key):
         attn, new_kv = self.self_attn(self.input_layernorm(h_ND), shape_BT, cos, sin, cache_kv, cache_length,
                                       sub_key(key, 0))
         if self.pre_feedforward_layernorm is None:

@@ -26,12 +26,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.models.spmd import constrain_rows, row_ways
 
-def _chunks(x, chunk: int, n_chunks: int):
-    """``x`` (N, ...) zero-padded to ``n_chunks * chunk`` rows, as (n_chunks, chunk, ...)."""
-    pad = n_chunks * chunk - x.shape[0]
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+class _Chunking:
+    """Token rows (N, ...) as (n_chunks, rows per chunk, ...) and back. On one device chunk i is rows
+    [i C, (i + 1) C). When the rows are split W ways over a mesh (:func:`peftjax.models.spmd.row_ways`), chunk i
+    takes C / W rows from each device's own N / W rows (the i-th run of them): a step of the loop still covers C
+    rows, but every device holds and works on its share of them, whatever the layout of the head. (Consecutive
+    global chunks would give each step one device's rows, to be gathered or waited for; chunks of C rows per device
+    would make an FSDP step, whose head is split along the width, sum partial logits of W C rows.)"""
+
+    def __init__(self, n: int, chunk: int):
+        ways = row_ways()
+        self.ways = ways if ways > 1 and n % ways == 0 else 1
+        self.n, self.local = n, n // self.ways
+        self.chunk = min(max(chunk // self.ways, 1), self.local)
+        self.n_chunks = -(-self.local // self.chunk)
+
+    def split(self, x):
+        """``x`` (N, ...) zero-padded per device, as (n_chunks, W C', ...)."""
+        rest = x.shape[1:]
+        x = x.reshape(self.ways, self.local, *rest)
+        x = jnp.pad(x, [(0, 0), (0, self.n_chunks * self.chunk - self.local)] + [(0, 0)] * len(rest))
+        x = x.reshape(self.ways, self.n_chunks, self.chunk, *rest).swapaxes(0, 1)
+        return constrain_rows(x.reshape(self.n_chunks, self.ways * self.chunk, *rest), axis=1)
+
+    def join(self, x):
+        """The inverse of :meth:`split` for (n_chunks, W C', ...) results: (N, ...)."""
+        rest = x.shape[2:]
+        x = x.reshape(self.n_chunks, self.ways, self.chunk, *rest).swapaxes(0, 1)
+        return x.reshape(self.ways, self.n_chunks * self.chunk, *rest)[:, :self.local].reshape(self.n, *rest)
 
 
 def vocab_chunk(vocab: int, target: int = 8192) -> int:
@@ -74,11 +99,10 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
 
 
 def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, softcap: float | None, with_dh: bool, with_dw: bool):
-    N, D = h_ND.shape
     V = w_VD.shape[0]
-    n_chunks = -(-N // chunk)
-    xs = (_chunks(h_ND, chunk, n_chunks), _chunks(targets_N, chunk, n_chunks),
-          _chunks(weights_N.astype(jnp.float32), chunk, n_chunks))
+    chunking = _Chunking(h_ND.shape[0], chunk)
+    n_chunks = chunking.n_chunks
+    xs = (chunking.split(h_ND), chunking.split(targets_N), chunking.split(weights_N.astype(jnp.float32)))
     dw0 = jnp.zeros(w_VD.shape if with_dw else (0,), jnp.float32)
 
     if w_VD.dtype == h_ND.dtype:  # the head as it is, one slice; a loop over the token chunks
@@ -110,7 +134,7 @@ def _scan(h_ND, w_VD, targets_N, weights_N, chunk: int, softcap: float | None, w
                 dw = dw + jnp.concatenate(dws)
         dh = jnp.stack(dh) if with_dh else None
     if with_dh:
-        dh = dh.reshape(n_chunks * chunk, D)[:N]
+        dh = chunking.join(dh)
     return total, dh, dw
 
 

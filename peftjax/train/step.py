@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from peftjax import partition
+from peftjax.models.spmd import rows_sharding
 from peftjax.train.loss import head_cross_entropy
 
 LOSS_CHUNK = 64  # tokens per chunk of the output head's logits (peftjax.train.loss)
@@ -69,15 +70,22 @@ def make_train_step(graphdef, optimizer, compute_dtype=jnp.float32, *, loss_fn=c
     ``shardings`` = (trainable, opt_state, frozen, batch, replicated) ``NamedSharding`` trees
     (:mod:`peftjax.sharding`) makes it one SPMD program over their mesh: the arguments come in and the updated
     state goes out with those layouts (the donated buffers are reused in place), the metrics replicated; the step
-    is then called with all five arguments (``dropout_key`` None without dropout).
+    is then called with all five arguments (``dropout_key`` None without dropout). The decoder layers' activations
+    are pinned to the batch's row split (:mod:`peftjax.models.spmd`), so FSDP gathers weights, not activations.
 
     ``regularizer`` (``model -> scalar``, a method's ``regularizer`` hook: :func:`peftjax.train.optim.make_regularizer`)
     is added once per step to the mean loss that is differentiated; ``metrics["loss"]`` stays the data loss and
     ``metrics["regularizer"]`` reports the term.
     """
+    rows = (None, None)
+    if shardings is not None:  # token rows of the activations split like the batch's rows (peftjax.models.spmd)
+        batch_s = shardings[3]
+        rows = (batch_s.mesh, (tuple(batch_s.spec) + (None,) * 2)[0 if grad_accum == 1 else 1])
+
     def terms(trainable, frozen, batch, key):
         model = partition.merge(graphdef, trainable, frozen)
-        return loss_fn(model, batch, compute_dtype=compute_dtype, dropout_key=key, remat=remat)
+        with rows_sharding(*rows):
+            return loss_fn(model, batch, compute_dtype=compute_dtype, dropout_key=key, remat=remat)
 
     def mean_loss(trainable, frozen, batch, key):
         total, count = terms(trainable, frozen, batch, key)
