@@ -159,6 +159,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_memory(args) -> int:
+    from peftjax.sharding import parse_mesh
     from peftjax.studies import memory as M
 
     if args.table == "classic":
@@ -173,13 +174,19 @@ def cmd_memory(args) -> int:
                   compute_dtype=args.compute_dtype)
     if args.measure:  # compare like with like: the training run is float32 throughout
         dtypes = dict(weight_dtype="float32", trainable_dtype="float32", compute_dtype="float32")
+    mesh = None if args.mesh is None else parse_mesh(args.mesh)
     e = M.estimate(args.model, args.method, rank=args.rank, targets=args.targets, batch_size=args.batch_size,
-                   seq_len=args.seq_len, remat=args.remat, **dtypes)
+                   seq_len=args.seq_len, remat=args.remat, mesh=mesh, **dtypes)
     print(M.breakdown_table(e))
     if args.measure:
-        m = M.measure_step(args.model, args.method, rank=args.rank, targets=args.targets,
-                           batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat)
-        print(f"\nXLA's allocation for the compiled float32 train step: {M.human(m['total'])} (arguments "
+        options = dict(rank=args.rank, targets=args.targets, batch_size=args.batch_size, seq_len=args.seq_len,
+                       remat=args.remat)
+        if mesh is None:
+            m = M.measure_step(args.model, args.method, **options)
+        else:
+            m = M.measure_mesh_step(args.model, args.method, mesh, **options)
+        per = "" if mesh is None else " per device"
+        print(f"\nXLA's allocation{per} for the compiled float32 train step: {M.human(m['total'])} (arguments "
               f"{M.human(m['arguments'])}, temporaries {M.human(m['temp'])}, outputs {M.human(m['outputs'])}); "
               f"estimate / measured = {e.total / m['total']:.3f}")
     return 0
@@ -303,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--remat", action="store_true", help="activation checkpointing")
     m.add_argument("--table", choices=["classic"], help="the classic bf16 weight table with full FT / LoRA / QLoRA")
     m.add_argument("--measure", action="store_true",
-                   help="also compile the real float32 train step and print XLA's allocation (smollm2, tiny)")
+                   help="also compile the real float32 train step and print XLA's allocation (smollm2, tiny; with "
+                        "--mesh any model, as shapes, on this process's devices)")
+    m.add_argument("--mesh", help="per device of a mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; unset: 1)")
     m.set_defaults(func=cmd_memory)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run's model (its adapters active)")

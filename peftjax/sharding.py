@@ -10,7 +10,8 @@ here communicates by hand. With D x F x T devices:
   kernel has the logical axes of :data:`LINEAR_AXES` (``hidden`` -> ``fsdp`` shards the model width of every
   kernel F ways, ZeRO-3 / FSDP as in Rajbhandari et al. 2020; ``heads`` / ``mlp`` -> ``tensor`` splits attention
   heads and the MLP's columns (gate, up) and rows (down) T ways, Megatron-LM's tensor parallelism, Shoeybi et al.
-  2019); the embedding table (vocabulary, width) is ``(embedding, hidden)``. So a kernel holds
+  2019); the embedding table and an untied output head (vocabulary, width) are ``(embedding, hidden)``, the
+  vocabulary split over ``fsdp`` and ``tensor`` (:data:`LOGICAL_RULES`). So a kernel holds
   1 / (F T) of its bytes per device and the frozen tree ``total / (F T)`` plus the replicated 1-D leaves (norm
   scales, biases);
 - **quantized kernels** (:class:`~peftjax.quant.QArray`, codes flattened row-major in the (d_out, d_in) layout) are
@@ -61,7 +62,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {"embedding": ("fsdp", 
 LINEAR_AXES = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "heads"), "v_proj": ("hidden", "heads"),
                "o_proj": ("heads", "hidden"), "gate_proj": ("hidden", "mlp"), "up_proj": ("hidden", "mlp"),
                "down_proj": ("mlp", "hidden")}
-EMBEDDING_AXES = {"embed_tokens": ("embedding", "hidden")}  # the (vocabulary, width) table, also the tied head
+# the (vocabulary, width) tables: the embedding (also the tied head) and an untied output head
+EMBEDDING_AXES = {"embed_tokens": ("embedding", "hidden"), "lm_head": ("embedding", "hidden")}
 
 
 def make_mesh(axes: dict[str, int | None], devices=None) -> Mesh:
@@ -183,6 +185,10 @@ class Layout:
             out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
         return P(*out)
 
+    def logical_spec(self, shape, logical) -> P:
+        """The PartitionSpec of an array of ``shape`` whose axes have the ``logical`` axis names (None: whole)."""
+        return self._spec(shape, [None if a is None else self.rules[a] for a in logical])
+
     def _leaf(self, path, x) -> NamedSharding | QArray:
         names = _names(path)
         if isinstance(x, QArray):
@@ -192,7 +198,7 @@ class Layout:
         shape = np.shape(x)
         owner = _owner(names, EMBEDDING_AXES)
         if owner is not None and len(shape) == 2:
-            return NamedSharding(self.mesh, self._spec(shape, [self.rules[a] for a in EMBEDDING_AXES[names[owner]]]))
+            return NamedSharding(self.mesh, self.logical_spec(shape, EMBEDDING_AXES[names[owner]]))
         owner = _owner(names, LINEAR_AXES)
         kernel = self._kernels.get(names[: owner + 1]) if owner is not None else None
         if kernel is None or len(shape) < 2:  # 1-D leaves (norm scales, biases, vectors) are small: replicated

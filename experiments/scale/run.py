@@ -1,7 +1,8 @@
 """The scale-out equality table: every mesh layout x method against one device, on 8 virtual CPU devices.
 
-    .venv/bin/python experiments/scale/run.py            # trains (peftjax.studies.scale), writes results.json + table
-    .venv/bin/python experiments/scale/run.py --table    # results.json -> the README's table
+    .venv/bin/python experiments/scale/run.py            # trains and compiles (peftjax.studies.scale): results.json,
+                                                         # memory.json and the README's two tables
+    .venv/bin/python experiments/scale/run.py --table    # results.json, memory.json -> the README's tables
     .venv/bin/python experiments/scale/run.py --real-devices   # on a machine with 8 GPUs / TPU chips
 
 The training runs in a child process started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the
@@ -33,13 +34,15 @@ def measure(real_devices: bool) -> None:
     virtual = {} if real_devices else {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env = {**os.environ, **virtual}
     out = HERE / "results.json"
+    memory = HERE / "memory.json"
     with tempfile.TemporaryDirectory() as texts:  # the three small documents the tiny runs train on
-        subprocess.run([sys.executable, "-m", "peftjax.studies.scale", "--out", str(out), "--files",
-                        *write_texts(Path(texts))], env=env, check=True, cwd=HERE.parents[1])
-    rows = json.loads(out.read_text())
-    for r in rows:
-        r["cpu"] = cpu_model()
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+        subprocess.run([sys.executable, "-m", "peftjax.studies.scale", "--out", str(out), "--memory-out", str(memory),
+                        "--files", *write_texts(Path(texts))], env=env, check=True, cwd=HERE.parents[1])
+    for path in (out, memory):
+        rows = json.loads(path.read_text())
+        for r in rows:
+            r["cpu"] = cpu_model()
+        path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def table(rows: list[dict]) -> str:
@@ -54,6 +57,18 @@ def table(rows: list[dict]) -> str:
             "of 8 x 32 tokens.\n")
 
 
+def memory_table(rows: list[dict]) -> str:
+    from peftjax.studies.scale import format_memory_table
+
+    first = rows[0]
+    where = f"{first['devices']} virtual CPU devices ({first['cpu']})" if first["platform"] == "cpu" else \
+        f"{first['devices']} {first['platform']} devices"
+    return (format_memory_table(rows) + f"\n{where}, jax {first['jax_version']}; {first['model']}'s shape (its widths, "
+            f"vocabulary and tied head, random weights: only shapes are compiled) cut to {first['num_layers']} "
+            f"decoder layers, LoRA r=8 on every linear layer (QLoRA: NF4 + double quantization), batch "
+            f"{first['batch_size']} x {first['seq_len']} tokens, float32.\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", action="store_true", help="only regenerate the table from results.json")
@@ -65,7 +80,9 @@ def main() -> None:
 
     text = table(json.loads((HERE / "results.json").read_text()))
     fill_generated(HERE / "README.md", "table.md", text)
-    print(text)
+    memory = memory_table(json.loads((HERE / "memory.json").read_text()))
+    fill_generated(HERE / "README.md", "memory.md", memory)
+    print(text + "\n" + memory)
 
 
 if __name__ == "__main__":

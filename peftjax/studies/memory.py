@@ -103,10 +103,12 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    gathered: int = 0  # FSDP: the linear layers' weights gathered whole for compute (per device)
+    mesh: dict | None = None  # {data, fsdp, tensor}: the figures are per device of this mesh
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.gathered
 
 
 def architecture(name: str) -> tuple[LlamaConfig, bool]:
@@ -133,71 +135,138 @@ def architecture(name: str) -> tuple[LlamaConfig, bool]:
     return arch, arch.tie_embeddings
 
 
-def _abstract_split(arch: LlamaConfig, num_layers: int, config):
-    """(trainable, frozen) as ShapeDtypeStruct trees of a ``num_layers``-layer build, quantized and adapted."""
-    from peftjax import partition
+def abstract_mesh(axes: dict[str, int | None]):
+    """A ``data`` x ``fsdp`` x ``tensor`` mesh of sizes only (``data`` unset: 1), for layouts without devices."""
+    from jax.sharding import AbstractMesh
+
+    from peftjax.sharding import MESH_AXES
+
+    return AbstractMesh(tuple(axes.get(a) or 1 for a in MESH_AXES), MESH_AXES)
+
+
+@dataclasses.dataclass
+class _Build:
+    graphdef: object
+    trainable: object  # ShapeDtypeStruct trees
+    frozen: object
+    layout: object  # peftjax.sharding.Layout on the mesh, or None
+
+
+def _abstract_build(arch: LlamaConfig, num_layers: int, config, mesh=None, tied: bool = True) -> _Build:
+    """A ``num_layers``-layer build, quantized and adapted, as shapes only (``jax.eval_shape``), with its
+    :class:`~peftjax.sharding.Layout` on ``mesh`` (an abstract or a real mesh) when one is given; ``tied=False``
+    keeps an untied architecture's output head (the estimate adds it by arithmetic)."""
+    from peftjax import partition, sharding
     from peftjax.models.llama import LlamaForCausalLM
     from peftjax.quant.policy import quantize_model
     from peftjax.train import build_model
 
+    box = {}
+
     def build():
-        arch_n = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=True)
+        arch_n = dataclasses.replace(arch, num_layers=num_layers, tie_embeddings=tied or arch.tie_embeddings)
         model = LlamaForCausalLM(arch_n, rngs=nnx.Rngs(0))
         if config.quant.rules:
             model = quantize_model(model, list(config.quant.rules))
-        _, trainable, frozen = partition.split(build_model(config, (model, None))[0])
+        model = build_model(config, (model, None))[0]
+        box["layout"] = None if mesh is None else sharding.Layout(model, mesh, dict(config.mesh.rules))
+        box["graphdef"], trainable, frozen = partition.split(model)
         return trainable, frozen
 
-    return jax.eval_shape(build)
+    trainable, frozen = jax.eval_shape(build)
+    return _Build(box["graphdef"], trainable, frozen, box["layout"])
 
 
-def _storage(tree, dense_bytes: int) -> tuple[int, int]:
-    """(parameter count, bytes) of an abstract state: dense float leaves at ``dense_bytes`` per value, quantized
-    tensors as stored."""
+def _storage(tree, dense_bytes: int, layout=None) -> tuple[int, int, int]:
+    """(parameter count, bytes per device, bytes FSDP gathers) of an abstract state: dense float leaves at
+    ``dense_bytes`` per value, quantized tensors as stored; per device of ``layout``'s mesh when given (each array's
+    shard), and the linear layers' weights split over ``fsdp`` counted again F - 1 times: XLA gathers them whole for
+    their matmuls, every layer's at once in the compiled step (measured on the virtual mesh)."""
+    from peftjax import sharding
     from peftjax.partition import _is_qarray
 
-    count = nbytes = 0
-    for leaf in jax.tree.leaves(tree, is_leaf=_is_qarray):
-        if _is_qarray(leaf):
-            count += leaf.size
-            nbytes += leaf.nbytes
-        else:
-            count += math.prod(leaf.shape)
-            nbytes += math.prod(leaf.shape) * dense_bytes
-    return count, nbytes
+    is_leaf = _is_qarray
+    shardings = None if layout is None else jax.tree.leaves(layout.shardings(tree), is_leaf=is_leaf)
+    fsdp = 1 if layout is None else layout.mesh.shape["fsdp"]
+    count = nbytes = gathered = 0
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]):
+        arrays = jax.tree.leaves(leaf) if _is_qarray(leaf) else [leaf]
+        where = [None] * len(arrays) if shardings is None else jax.tree.leaves(shardings[i])
+        count += leaf.size if _is_qarray(leaf) else math.prod(leaf.shape)
+        linear = any(getattr(k, "key", getattr(k, "name", None)) in sharding.LINEAR_AXES for k in path)
+        for x, s in zip(arrays, where):
+            width = x.dtype.itemsize if _is_qarray(leaf) else dense_bytes
+            here = math.prod(x.shape if s is None else s.shard_shape(x.shape)) * width
+            nbytes += here
+            if linear and s is not None and any("fsdp" in sharding.mesh_axes(e) for e in s.spec):
+                gathered += here * (fsdp - 1)
+    return count, nbytes, gathered
 
 
 def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, compute_bytes: int, remat: bool = False,
-                     virtual_tokens: int = 0, prefix_tokens: int = 0) -> int:
-    """Bytes the backward pass keeps for one batch (see the module docstring for the terms). Prompt tuning's
-    virtual tokens are extra positions; prefix tuning's are extra keys every position attends to."""
+                     virtual_tokens: int = 0, prefix_tokens: int = 0, tensor: int = 1, loss_rows: int | None = None,
+                     vocab_split: int = 1) -> int:
+    """Bytes the backward pass keeps for one batch of ``batch_size`` rows (see the module docstring for the terms).
+    Prompt tuning's virtual tokens are extra positions; prefix tuning's are extra keys every position attends to.
+
+    On a mesh, per device: ``batch_size`` is the device's rows; ``tensor`` (T) divides the projections' outputs
+    (q, k, v, the MLP's) whose width it divides, as their kernels are split, and the attention scores when it
+    divides the query and key-value heads (else the partitioner keeps them whole); the loss computes ``loss_rows`` rows x ``V / vocab_split`` logits per loop step (default: one
+    device's chunk of :data:`~peftjax.train.step.LOSS_CHUNK` rows over the whole vocabulary)."""
+    from peftjax.train.step import LOSS_CHUNK
+
     d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
     q = arch.num_heads * arch.head_dim
     positions = seq_len + virtual_tokens
+    split = lambda n: tensor if n % tensor == 0 else 1  # noqa: E731  (a width the layout splits T ways)
+    heads_split = tensor if arch.num_heads % tensor == 0 and arch.num_kv_heads % tensor == 0 else 1
     # each norm's input and output (4 norms with Gemma's sandwich norms; q/k norms per head), rotated q, k, the
     # values and the attention output, the MLP, attention's scores over every position (a sliding window masks
     # scores, it does not shorten them)
-    norms = (4 if arch.sandwich_norms else 2) * 2 * d + (2 * (q + kv) if arch.qk_norm else 0)
-    per_token_layer = norms + 2 * q + 2 * kv + 4 * ff + 3 * arch.num_heads * (positions + prefix_tokens)
+    norms = (4 if arch.sandwich_norms else 2) * 2 * d + (2 * (q + kv) if arch.qk_norm else 0) / heads_split
+    scores = 3 * arch.num_heads * (positions + prefix_tokens) / heads_split
+    attention = 2 * q / split(q) + 2 * kv / split(kv) + scores
+    per_token_layer = norms + attention + 4 * ff / split(ff)
     tokens = batch_size * positions
-    from peftjax.train.step import LOSS_CHUNK
-
+    rows = min(tokens, LOSS_CHUNK) if loss_rows is None else loss_rows
     # the head's float32 logits, their softmax and its gradient, one chunk of tokens at a time (peftjax.train.loss),
     # and the gradient of the final hidden states that the loss keeps for the backward pass
-    head = min(tokens, LOSS_CHUNK) * 3 * arch.vocab_size * 4 + tokens * d * compute_bytes
+    head = rows * 3 * (arch.vocab_size // vocab_split) * 4 + tokens * d * compute_bytes
     if remat:
         layers = tokens * (arch.num_layers * d + per_token_layer) * compute_bytes
     else:
         layers = tokens * arch.num_layers * per_token_layer * compute_bytes
-    return layers + head
+    return int(layers + head)
+
+
+def _mesh_split(arch: LlamaConfig, layout, batch_size: int, positions: int) -> dict:
+    """Per-device activation arguments of :func:`activation_bytes` on ``layout``'s mesh: the device's rows (the
+    batch split over ``data`` x ``fsdp`` as far as it divides, :meth:`~peftjax.sharding.Layout.batch`), the
+    tensor-parallel width, and the loss's logits per loop step: each device takes LOSS_CHUNK / W of its rows
+    (:mod:`peftjax.train.loss`), the rows of devices that hold different slices of the vocabulary are gathered."""
+    from peftjax.sharding import EMBEDDING_AXES, mesh_axes
+    from peftjax.train.step import LOSS_CHUNK
+
+    sizes = layout.mesh.shape
+    ways = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
+    row_axes = mesh_axes(layout.batch(batch_size).spec[0])
+    vocab_axes = mesh_axes(layout.logical_spec((arch.vocab_size, arch.hidden_size),
+                                               EMBEDDING_AXES["embed_tokens"])[0])
+    rows = batch_size // ways(row_axes)
+    per_step = min(max(LOSS_CHUNK // ways(row_axes), 1), rows * positions)
+    return {"batch_size": rows, "tensor": sizes["tensor"], "vocab_split": ways(vocab_axes),
+            "loss_rows": per_step * ways(set(row_axes) & set(vocab_axes))}
 
 
 def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = None, batch_size: int = 1,
              seq_len: int = 512, weight_dtype: str = "bfloat16", trainable_dtype: str = "float32",
              compute_dtype: str = "bfloat16", remat: bool = False, num_tokens: int | None = None,
-             num_layers: int | None = None) -> MemoryEstimate:
+             num_layers: int | None = None, mesh: dict[str, int | None] | None = None) -> MemoryEstimate:
     """Memory of training ``model`` with ``method`` (a preset such as ``qlora``, or a registered method);
-    ``num_layers``: its first decoder layers only (as ``model.num_layers`` builds it)."""
+    ``num_layers``: its first decoder layers only (as ``model.num_layers`` builds it). With ``mesh``
+    (``{"data": D, "fsdp": F, "tensor": T}``) every figure is per device of that mesh, laid out by
+    :class:`peftjax.sharding.Layout` as a run lays it out: each array's shard, the device's rows of the batch, and
+    under FSDP the linear layers' weights gathered for compute."""
     from peftjax.peft import get_method
 
     arch, tied = architecture(model)
@@ -214,10 +283,11 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
         raise PeftjaxError(f"--batch-size and --seq-len must be >= 1, got {batch_size} and {seq_len}")
     config = method_run_config(method, rank=rank, targets=targets, num_tokens=num_tokens)
     registration = get_method(config.method)
-    builds = [_abstract_split(arch, n, config) for n in (1, 2)]
+    layout_mesh = None if mesh is None else abstract_mesh(mesh)
+    builds = [_abstract_build(arch, n, config, layout_mesh) for n in (1, 2)]
     trainable_bytes, weight_bytes = DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[weight_dtype]
-    (t1, tb1), (t2, tb2) = (_storage(b[0], trainable_bytes) for b in builds)
-    (f1, fb1), (f2, fb2) = (_storage(b[1], weight_bytes) for b in builds)
+    (t1, tb1, tg1), (t2, tb2, tg2) = (_storage(b.trainable, trainable_bytes, b.layout) for b in builds)
+    (f1, fb1, fg1), (f2, fb2, fg2) = (_storage(b.frozen, weight_bytes, b.layout) for b in builds)
     layers = arch.num_layers
 
     def extrapolate(one, two):
@@ -225,27 +295,33 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
 
     trainable, adapter = extrapolate(t1, t2), extrapolate(tb1, tb2)
     frozen, weights = extrapolate(f1, f2), extrapolate(fb1, fb2)
-    if not tied:  # a separate output head (V x d), kept dense; full fine-tuning trains it
+    gathered = extrapolate(tg1 + fg1, tg2 + fg2)
+    layout = builds[0].layout
+    vocab_split = 1 if layout is None else _mesh_split(arch, layout, batch_size, seq_len)["vocab_split"]
+    if not tied:  # a separate output head (V x d), kept dense and split like the embedding; full FT trains it
         head = arch.vocab_size * arch.hidden_size
         if registration.trains_base:
-            trainable, adapter = trainable + head, adapter + head * trainable_bytes
+            trainable, adapter = trainable + head, adapter + head // vocab_split * trainable_bytes
         else:
-            frozen, weights = frozen + head, weights + head * weight_bytes
+            frozen, weights = frozen + head, weights + head // vocab_split * weight_bytes
+    here = adapter // trainable_bytes  # trainable parameters this device holds (all of them on one device)
     if registration.trains_base:
         # full fine-tuning holds the weights in the weight dtype (bf16 in the classic tables) ...
-        weights, adapter = weights + trainable * weight_bytes, 0
-        gradients = trainable * weight_bytes
-        master = trainable * 4 if weight_bytes < 4 else 0  # ... and a float32 master copy for the update
-        optimizer = trainable * 8 + master
+        weights, adapter = weights + here * weight_bytes, 0
+        gradients = here * weight_bytes
+        master = here * 4 if weight_bytes < 4 else 0  # ... and a float32 master copy for the update
+        optimizer = here * 8 + master
     else:
-        gradients = trainable * trainable_bytes
-        optimizer = trainable * 8
+        gradients = here * trainable_bytes
+        optimizer = here * 8
     virtual, prefix = registration.extra_positions(config.peft)
-    acts = activation_bytes(arch, batch_size=batch_size, seq_len=seq_len, compute_bytes=DTYPE_BYTES[compute_dtype],
-                            remat=remat, virtual_tokens=virtual, prefix_tokens=prefix)
+    split = {} if layout is None else _mesh_split(arch, layout, batch_size, seq_len + virtual)
+    acts = activation_bytes(arch, **{"batch_size": batch_size, **split}, seq_len=seq_len,
+                            compute_bytes=DTYPE_BYTES[compute_dtype], remat=remat, virtual_tokens=virtual,
+                            prefix_tokens=prefix)
     return MemoryEstimate(model=model, method=label, total_params=trainable + frozen, trainable_params=trainable,
                           weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
-                          activations=acts)
+                          activations=acts, gathered=gathered, mesh=None if mesh is None else dict(layout.mesh.shape))
 
 
 def bf16_weight_table(models: list[str]) -> str:
@@ -275,9 +351,13 @@ def human(nbytes: float) -> str:
 
 def breakdown_table(e: MemoryEstimate) -> str:
     rows = [("weights (frozen base)", e.weights), ("adapter (trainable)", e.adapter), ("gradients", e.gradients),
-            ("optimizer state", e.optimizer), ("activations", e.activations), ("total", e.total)]
+            ("optimizer state", e.optimizer), ("activations", e.activations)]
+    if e.mesh is not None:
+        rows.append(("weights gathered for compute (FSDP)", e.gathered))
+    rows.append(("total" if e.mesh is None else "total per device", e.total))
+    where = "" if e.mesh is None else (", per device of the mesh " + " x ".join(f"{a}={n}" for a, n in e.mesh.items()))
     lines = [f"{e.model}, {e.method}: {e.total_params:,} parameters, {e.trainable_params:,} trainable "
-             f"({100 * e.trainable_params / e.total_params:.3g}%)", "", "| part | memory |", "|---|---|"]
+             f"({100 * e.trainable_params / e.total_params:.3g}%){where}", "", "| part | memory |", "|---|---|"]
     lines += [f"| {name} | {human(nbytes)} |" for name, nbytes in rows]
     return "\n".join(lines)
 
@@ -316,6 +396,40 @@ def measure_steps(model: str, method: str, *, rank: int = 8, targets: str | None
     return {b: step_memory(step.lower(trainable, opt_state, frozen, jnp.zeros((b, seq_len + 1), jnp.int32),
                                       None).compile())
             for b in batch_sizes}
+
+
+def measure_mesh_step(model: str, method: str, mesh: dict[str, int | None], *, rank: int = 8,
+                      targets: str | None = None, batch_size: int = 1, seq_len: int = 512, remat: bool = False,
+                      num_layers: int | None = None) -> dict:
+    """XLA's allocation per device for the compiled sharded train step of ``model`` (any architecture
+    :func:`architecture` knows: shapes only, no weights are read or allocated) with ``method`` on a mesh of this
+    process's devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N virtual CPU devices): the
+    step :func:`peftjax.train.placement.plan` builds for a run, float32 throughout, lowered from abstract
+    arguments. Returns :func:`peftjax.train.step_memory` of one device's program."""
+    import jax.numpy as jnp
+
+    from peftjax.sharding import make_mesh
+    from peftjax.train import make_optimizer, make_regularizer, step_memory
+    from peftjax.train.placement import plan
+
+    arch, _ = architecture(model)
+    config = method_run_config(method, rank=rank, targets=targets)
+    from peftjax.sharding import MESH_AXES
+
+    mesh = {a: mesh.get(a) or 1 for a in MESH_AXES}
+    devices = math.prod(mesh.values())
+    if len(jax.devices()) < devices:
+        raise PeftjaxError(f"measuring a mesh of {devices} devices needs {devices} devices, this process has "
+                           f"{len(jax.devices())}; on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+                           f"{devices}")
+    b = _abstract_build(arch, num_layers or arch.num_layers, config,
+                        make_mesh(mesh, jax.devices()[:devices]), tied=False)
+    optimizer = make_optimizer(config.train, config.peft)
+    p = plan(b.layout, b.graphdef, b.trainable, b.frozen, optimizer, batch_size=batch_size, remat=remat,
+             regularizer=make_regularizer(config.peft))
+    opt_state = jax.eval_shape(optimizer.init, b.trainable)
+    batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
+    return step_memory(p.step.lower(b.trainable, opt_state, b.frozen, batch, None).compile())
 
 
 CLASSIC = ["llama2-70b", "llama2-13b", "llama2-7b", "mistral-7b"]

@@ -7,6 +7,9 @@ the loss trajectory and the trained adapter must equal the single-device run's t
 tree's per-device bytes are read from its arrays' shardings. Run under 8 (virtual) devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m peftjax.studies.scale --out results.json
+
+``--memory-out memory.json`` also checks ``peftjax memory --mesh``: the per-device estimate of each layout against
+XLA's per-device allocation for the compiled sharded step on SmolLM2's shape (:func:`memory_table`).
 """
 from __future__ import annotations
 
@@ -149,17 +152,62 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the per-device memory check: SmolLM2's real widths, vocabulary and tied head, cut to its first decoder layers
+# (the estimate is per layer plus the embedding), float32 throughout as the measured step
+MEMORY_SHAPE = {"model": "smollm2", "num_layers": 2, "batch_size": 16, "seq_len": 128}
+MEMORY_METHODS = {"LoRA": "lora", "QLoRA": "qlora"}
+
+
+def memory_table(layouts: dict = LAYOUTS, methods: dict = MEMORY_METHODS, shape: dict = MEMORY_SHAPE) -> list[dict]:
+    """One row per (layout, method): ``peftjax memory --mesh``'s per-device estimate against XLA's per-device
+    allocation for the compiled sharded train step (:func:`peftjax.studies.memory.measure_mesh_step`)."""
+    from peftjax.studies import memory as M
+
+    options = {k: shape[k] for k in ("batch_size", "seq_len", "num_layers")}
+    rows = []
+    for method, preset in methods.items():
+        for name, axes in layouts.items():
+            measured = M.measure_mesh_step(shape["model"], preset, axes, **options)
+            e = M.estimate(shape["model"], preset, weight_dtype="float32", compute_dtype="float32", mesh=axes,
+                           **options)
+            rows.append({"layout": name, "mesh": axes, "method": method, **shape, "devices": jax.device_count(),
+                         "platform": jax.default_backend(), "jax_version": jax.__version__,
+                         "estimate": {k: getattr(e, k) for k in ("weights", "adapter", "gradients", "optimizer",
+                                                                  "activations", "gathered", "total")},
+                         "measured": measured})
+    return rows
+
+
+def format_memory_table(rows: list[dict]) -> str:
+    """The Markdown table of :func:`memory_table`'s rows (MiB per device)."""
+    mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+    lines = ["| layout | method | estimate (MiB / device) | weights | activations | gathered (FSDP) | "
+             "XLA: arguments | XLA: temporaries | XLA: total | estimate / XLA |", "|---" * 10 + "|"]
+    for r in rows:
+        e, m = r["estimate"], r["measured"]
+        lines.append(f"| {r['layout']} | {r['method']} | {mib(e['total'])} | {mib(e['weights'])} | "
+                     f"{mib(e['activations'])} | {mib(e['gathered'])} | {mib(m['arguments'])} | {mib(m['temp'])} | "
+                     f"{mib(m['total'])} | {e['total'] / m['total']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="JSON file for the rows")
+    p.add_argument("--out", help="JSON file for the equality rows")
+    p.add_argument("--memory-out", help="JSON file for the per-device memory rows (estimate against XLA)")
     p.add_argument("--files", nargs="+", help="text files of the files dataset (default: three written beside --out)")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    files = args.files or write_texts(out.parent)
-    rows = equality_table(files, steps=args.steps)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(format_table(rows))
+    if args.memory_out:
+        rows = memory_table()
+        Path(args.memory_out).write_text(json.dumps(rows, indent=1) + "\n")
+        print(format_memory_table(rows))
+    if args.out:
+        out = Path(args.out)
+        files = args.files or write_texts(out.parent)
+        rows = equality_table(files, steps=args.steps)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(format_table(rows))
 
 
 def write_texts(directory: Path) -> list[str]:

@@ -41,27 +41,49 @@ class Placed:
         return trainable, None if opt_state is None else sharding.put(opt_state, self.opt_shardings)
 
 
+@dataclasses.dataclass
+class Plan:
+    """Where a model's trees go on a mesh and the sharded step over them; trees may be abstract (shapes only)."""
+    trainable_shardings: object
+    frozen_shardings: object
+    opt_shardings: object
+    batch_sharding: NamedSharding
+    row_axis: int
+    step: object
+
+
+def plan(layout: sharding.Layout, graphdef, trainable, frozen, optimizer, *, batch_size: int, grad_accum: int = 1,
+         **step_options) -> Plan:
+    """The shardings of ``trainable``, ``frozen``, the optimizer state and a batch under ``layout``, and the jitted
+    train step with them in and out (``step_options`` as :func:`place`); nothing is placed or allocated, so
+    ``jax.eval_shape`` trees give the compiled step of a model too large to build (:mod:`peftjax.studies.memory`)."""
+    row_axis = 0 if grad_accum == 1 else 1
+    batch_sharding = layout.batch(batch_size, row_axis)
+    trainable_s, frozen_s = layout.shardings(trainable), layout.shardings(frozen)
+    opt_s = sharding.optimizer_shardings(jax.eval_shape(optimizer.init, trainable), trainable, trainable_s,
+                                         layout.replicated)
+    step = make_train_step(graphdef, optimizer, grad_accum=grad_accum,
+                           shardings=(trainable_s, opt_s, frozen_s, batch_sharding, layout.replicated),
+                           **step_options)
+    return Plan(trainable_s, frozen_s, opt_s, batch_sharding, row_axis, step)
+
+
 def place(model: nnx.Module, mesh: Mesh, optimizer, *, rules: dict | None = None, batch_size: int,
           grad_accum: int = 1, **step_options) -> Placed:
     """Split ``model``, place its trees on ``mesh`` and build the sharded train step (``step_options``:
     :func:`~peftjax.train.step.make_train_step`'s ``compute_dtype``, ``grad_accum``, ``remat``, ``loss_fn``).
     A batch size that does not split over ``data`` x ``fsdp`` is split as far as it goes, with a one-line note."""
     layout = sharding.Layout(model, mesh, rules)
-    row_axis = 0 if grad_accum == 1 else 1
-    batch_sharding = layout.batch(batch_size, row_axis)
     note = layout.batch_note(batch_size)
     if note and jax.process_index() == 0:
         print(note, file=sys.stderr)
     graphdef, trainable, frozen = partition.split(model)
-    trainable_s, frozen_s = layout.shardings(trainable), layout.shardings(frozen)
-    trainable, frozen = sharding.put(trainable, trainable_s), sharding.put(frozen, frozen_s)
-    opt_s = sharding.optimizer_shardings(jax.eval_shape(optimizer.init, trainable), trainable, trainable_s,
-                                         layout.replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_s)(trainable)
-    step = make_train_step(graphdef, optimizer, grad_accum=grad_accum,
-                           shardings=(trainable_s, opt_s, frozen_s, batch_sharding, layout.replicated),
-                           **step_options)
-    return Placed(graphdef, trainable, frozen, opt_state, layout, trainable_s, opt_s, batch_sharding, row_axis, step)
+    p = plan(layout, graphdef, trainable, frozen, optimizer, batch_size=batch_size, grad_accum=grad_accum,
+             **step_options)
+    trainable, frozen = sharding.put(trainable, p.trainable_shardings), sharding.put(frozen, p.frozen_shardings)
+    opt_state = jax.jit(optimizer.init, out_shardings=p.opt_shardings)(trainable)
+    return Placed(graphdef, trainable, frozen, opt_state, layout, p.trainable_shardings, p.opt_shardings,
+                  p.batch_sharding, p.row_axis, p.step)
 
 
-__all__ = ["Placed", "place"]
+__all__ = ["Placed", "Plan", "place", "plan"]

@@ -446,6 +446,10 @@ CASES = [
          exists=("run/metrics.jsonl",), absent=("run/summary.json",), check=_metrics_are_json),
     Case("memory-negative-seq", "numerics", "memory --seq-len -5", 2, "seq",
          ("memory", "--model", "tiny", "--seq-len", "-5")),
+    Case("memory-mesh-size", "scale", "memory --mesh with a size that is not a number", 2,
+         "--mesh expects axis=size pairs", ("memory", "--model", "tiny", "--mesh", "fsdp=two")),
+    Case("memory-measure-devices", "scale", "memory --measure on a mesh of more devices than the process has", 2,
+         "needs 8 devices", ("memory", "--model", "tiny", "--mesh", "fsdp=8", "--measure")),
     Case("bench-zero-steps", "numerics", "bench --steps 0", 2, "--steps >= 1",
          ("bench", "--model", "tiny", "--steps", "0")),
     # assets

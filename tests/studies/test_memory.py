@@ -133,3 +133,38 @@ def test_memory_from_a_config_json(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**M.PUBLISHED["gemma2-9b"], "model_type": "falcon"}))
     assert main(["memory", "--model", str(tmp_path)]) == 2
     assert "model_type 'falcon'" in capsys.readouterr().err
+
+
+def test_mesh_of_one_device_is_the_one_device_estimate():
+    for model, method in (("tiny", "qlora"), ("llama3.1-8b", "lora"), ("smollm2", "full")):
+        one = M.estimate(model, method, batch_size=4, seq_len=64)
+        on_mesh = M.estimate(model, method, batch_size=4, seq_len=64, mesh={"data": 1})
+        assert on_mesh.total == one.total and on_mesh.gathered == 0
+
+
+def test_per_device_estimate_divides_as_the_layout_splits():
+    """Llama 3.1 8B QLoRA (untied head) per device of FSDP=8 and TP=8: the frozen base is split 8 ways but for the
+    whole 1-D leaves; FSDP=8 splits the batch, TP=8 does not (each device computes every row), and only FSDP gathers
+    the linear layers' weights; the untied head is split like the embedding."""
+    kw = dict(batch_size=8, seq_len=256)
+    one = M.estimate("llama3.1-8b", "qlora", **kw)
+    fsdp = M.estimate("llama3.1-8b", "qlora", mesh={"fsdp": 8}, **kw)
+    tensor = M.estimate("llama3.1-8b", "qlora", mesh={"tensor": 8}, **kw)
+    for e in (fsdp, tensor):
+        assert one.weights / 8 < e.weights < one.weights / 8 * 1.01
+        assert e.optimizer == e.gradients * 2 < one.gradients * 2
+    assert fsdp.gathered > 0 and tensor.gathered == 0
+    assert fsdp.activations < one.activations / 7 and tensor.activations > one.activations / 8
+
+
+def test_cli_mesh(capsys):
+    assert main(["memory", "--model", "llama2-7b", "--method", "qlora", "--mesh", "data=2,fsdp=4"]) == 0
+    out = capsys.readouterr().out
+    assert "per device of the mesh data=2 x fsdp=4 x tensor=1" in out and "| total per device |" in out
+    assert "| weights gathered for compute (FSDP) |" in out
+    assert main(["memory", "--mesh", "fsdp=two"]) == 2
+    assert "--mesh expects axis=size pairs" in capsys.readouterr().err
+    if jax.device_count() < 8:
+        assert main(["memory", "--model", "tiny", "--mesh", "fsdp=8", "--measure"]) == 2
+        err = capsys.readouterr().err
+        assert "needs 8 devices" in err and "xla_force_host_platform_device_count=8" in err and err.count("\n") == 1
