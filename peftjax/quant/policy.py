@@ -5,8 +5,10 @@ unmatched modules stay in high precision. Only linear layers are candidates, so 
 output head stay in full precision unless a future rule type says otherwise.
 
 A quantized layer stores its weight as a :class:`~peftjax.quant.QArray` inside a frozen
-:class:`~peftjax.variables.Quantized` variable and dequantizes it inside the traced matmul, where XLA fuses
-the unpacking into the computation that consumes it (QLoRA's storage/compute split). Like bitsandbytes'
+:class:`~peftjax.variables.Quantized` variable and dequantizes it inside the traced step, just before the matmul
+that consumes it (QLoRA's storage/compute split; XLA on CPU fuses the unpacking, lookup and scaling into one loop
+that writes the layer's float32 weight, which the dot then reads: it does not fuse the decoding into the dot's
+operand). Like bitsandbytes'
 4-bit matmul, the backward pass dequantizes the weight again instead of keeping the dense copy alive between
 forward and backward: only the packed codes are saved, so activation memory does not grow by a dense base.
 """

@@ -7,7 +7,8 @@ double-quantizes the scales (:mod:`peftjax.quant.double_quant`). With ``fmt="nf4
 ``double_quant=True`` this is QLoRA's storage (Dettmers et al. 2023), bit for bit as in bitsandbytes.
 
 ``dequantize`` reverses it with shifts, masks, a table lookup (or an integer offset) and one multiply per element;
-called inside a jitted step, XLA fuses it into the matmul that consumes the weight.
+called inside a jitted step, XLA fuses those into one pass that writes the weight for the matmul that consumes it
+(on CPU a separate loop before the dot, not inside the dot's operand).
 """
 from __future__ import annotations
 

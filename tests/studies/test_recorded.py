@@ -88,6 +88,16 @@ def test_memory_estimator_tables_regenerate():
         assert _region(readme, key) == text.strip(), f"memory/README.md {key} differs from run.py's"
 
 
+def test_qlora_speed_table_regenerates_from_its_measurements():
+    """experiments/qlora_speed: alternating LoRA / QLoRA bench processes; QLoRA >= 0.9x LoRA's tokens/s in every
+    round (issue 12)."""
+    folder = EXPERIMENTS / "qlora_speed"
+    records = [json.loads(line) for line in (folder / "measurements.jsonl").read_text().splitlines()]
+    assert _region(folder / "README.md") == _run_module("qlora_speed").table(records).strip()
+    by = {(r["round"], r["method"]): r["tokens_per_s"] for r in records}
+    assert len(by) == 6 and all(by[r, "qlora"] >= 0.9 * by[r, "lora"] for r in range(3))
+
+
 def test_training_tasks_table_regenerates_from_its_results():
     results = json.loads((EXPERIMENTS / "training_tasks" / "results.json").read_text())
     table = _run_module("training_tasks").table(results)
