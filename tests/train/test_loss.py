@@ -110,3 +110,24 @@ def test_soft_capped_logits_and_their_gradients(bf16_head):
     np.testing.assert_allclose(gh, gh_ref, atol=2e-6)
     np.testing.assert_allclose(np.float32(gw), np.float32(gw_ref), atol=1e-2 if bf16_head else 2e-6)
     assert abs(float(v) - float(head_cross_entropy(h, w, t, m, chunk=8))) > 1.0  # capping changed the loss
+
+
+@pytest.mark.parametrize("ways,chunk", [(4, 8), (4, 64), (8, 3)])
+@pytest.mark.parametrize("bf16_head", [False, True])
+def test_rows_split_over_devices_chunk_per_device_and_join_back(monkeypatch, ways, chunk, bf16_head):
+    """On a mesh the loss's chunks take chunk / W rows from each device's own N / W rows (padded per device) and
+    dh is put back in row order: the value and both gradients are the dense loss's. (The split is forced here on
+    one device; the mesh tests check it inside the sharded step.)"""
+    import peftjax.train.loss as L
+
+    monkeypatch.setattr(L, "row_ways", lambda: ways)
+    h, w, t, m = _problem(N=72)  # 72 = 4 x 18 and 8 x 9 rows per device: ragged last chunks
+    w_stored = w.astype(jnp.bfloat16) if bf16_head else w
+    f = lambda h, w: head_cross_entropy(h, w, t, m, chunk=chunk)  # noqa: E731
+    v, (gh, gw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w_stored)
+    v_ref, (gh_ref, gw_ref) = jax.value_and_grad(_dense, argnums=(0, 1))(h, w_stored.astype(jnp.float32), t, m)
+    np.testing.assert_allclose(v, v_ref, rtol=2e-6)
+    np.testing.assert_allclose(gh, gh_ref, atol=1e-6)
+    tol = dict(atol=1e-2, rtol=1e-2) if bf16_head else dict(atol=1e-6)  # a bfloat16 head's gradient is bfloat16
+    np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(gw_ref, np.float32), **tol)
+    assert L._Chunking(72, chunk).ways == ways
