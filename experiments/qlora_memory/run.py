@@ -11,7 +11,6 @@ layer, activation checkpointing on. The table is generated from measurements.jso
 """
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,9 @@ CONFIGS = [("LoRA (float32 base)", "lora", "float32"), ("LoRA (bfloat16 base)", 
 MIB = 2 ** 20
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def measure(a) -> None:
     sys.path.insert(0, str(HERE.parents[1]))
+    from peftjax.train.provenance import cpu_model
     from peftjax.studies.memory import estimate
 
     rows = []

@@ -10,7 +10,6 @@ of the machine hit both; the ratio is taken within a round. The table is generat
 """
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -18,15 +17,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+
+from peftjax.train.provenance import cpu_model  # noqa: E402
 COMMAND = ["bench", "--model", "smollm2", "--batch", "4", "--seq", "256", "--param-dtype", "float32"]
 METHODS = ("lora", "qlora")
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def measure(rounds: int) -> None:
