@@ -297,7 +297,9 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
     frozen, weights = extrapolate(f1, f2), extrapolate(fb1, fb2)
     gathered = extrapolate(tg1 + fg1, tg2 + fg2)
     layout = builds[0].layout
-    vocab_split = 1 if layout is None else _mesh_split(arch, layout, batch_size, seq_len)["vocab_split"]
+    virtual, prefix = registration.extra_positions(config.peft)
+    split = {} if layout is None else _mesh_split(arch, layout, batch_size, seq_len + virtual)
+    vocab_split = split.get("vocab_split", 1)
     if not tied:  # a separate output head (V x d), kept dense and split like the embedding; full FT trains it
         head = arch.vocab_size * arch.hidden_size
         if registration.trains_base:
@@ -314,8 +316,6 @@ def estimate(model: str, method: str, *, rank: int = 8, targets: str | None = No
     else:
         gradients = here * trainable_bytes
         optimizer = here * 8
-    virtual, prefix = registration.extra_positions(config.peft)
-    split = {} if layout is None else _mesh_split(arch, layout, batch_size, seq_len + virtual)
     acts = activation_bytes(arch, **{"batch_size": batch_size, **split}, seq_len=seq_len,
                             compute_bytes=DTYPE_BYTES[compute_dtype], remat=remat, virtual_tokens=virtual,
                             prefix_tokens=prefix)
