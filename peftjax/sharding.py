@@ -264,6 +264,11 @@ def mesh_axes(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
+def in_linear_layer(path) -> bool:
+    """Whether a ``jax.tree_util`` key path lies inside one of the linear layers of :data:`LINEAR_AXES`."""
+    return _owner(_names(path), LINEAR_AXES) is not None
+
+
 def _owner(names, table) -> int | None:
     """Index of the last path element that is a module name of ``table``."""
     hits = [i for i, n in enumerate(names) if isinstance(n, str) and n in table]
@@ -350,5 +355,5 @@ def per_device_nbytes(tree) -> int:
 
 
 __all__ = ["BATCH_AXES", "EMBEDDING_AXES", "LINEAR_AXES", "LOGICAL_RULES", "Layout", "MESH_AXES", "barrier",
-           "host_value", "initialize_distributed", "make_mesh", "mesh_axes", "mesh_overrides", "optimizer_shardings",
-           "parse_mesh", "per_device_nbytes", "put", "put_rows"]
+           "host_value", "in_linear_layer", "initialize_distributed", "make_mesh", "mesh_axes", "mesh_overrides",
+           "optimizer_shardings", "parse_mesh", "per_device_nbytes", "put", "put_rows"]

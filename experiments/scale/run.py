@@ -40,14 +40,18 @@ def measure(real_devices: bool) -> None:
         path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def _where(first: dict) -> str:
+    """The devices a recording ran on."""
+    if first["platform"] == "cpu":
+        return f"{first['devices']} virtual CPU devices ({first['cpu']})"
+    return f"{first['devices']} {first['platform']} devices"
+
+
 def table(rows: list[dict]) -> str:
     from peftjax.studies.scale import format_table
 
     first = rows[0]
-    cpu = first["platform"] == "cpu"
-    where = f"{first['devices']} virtual CPU devices ({first['cpu']})" if cpu else \
-        f"{first['devices']} {first['platform']} devices"
-    return (format_table(rows) + f"\n{where}, jax "
+    return (format_table(rows) + f"\n{_where(first)}, jax "
             f"{first['jax_version']}; tiny model (1 decoder layer), LoRA r=8 on every linear layer, 5 AdamW steps "
             "of 8 x 32 tokens.\n")
 
@@ -56,11 +60,9 @@ def memory_table(rows: list[dict]) -> str:
     from peftjax.studies.scale import format_memory_table
 
     first = rows[0]
-    where = f"{first['devices']} virtual CPU devices ({first['cpu']})" if first["platform"] == "cpu" else \
-        f"{first['devices']} {first['platform']} devices"
-    return (format_memory_table(rows) + f"\n{where}, jax {first['jax_version']}; {first['model']}'s shape (its widths, "
-            f"vocabulary and tied head, random weights: only shapes are compiled) cut to {first['num_layers']} "
-            f"decoder layers, LoRA r=8 on every linear layer (QLoRA: NF4 + double quantization), batch "
+    return (format_memory_table(rows) + f"\n{_where(first)}, jax {first['jax_version']}; {first['model']}'s shape "
+            "(its widths, vocabulary and tied head, random weights: only shapes are compiled) cut to "
+            f"{first['num_layers']} decoder layers, LoRA r=8 on every linear layer (QLoRA: NF4 + double quantization), batch "
             f"{first['batch_size']} x {first['seq_len']} tokens, float32.\n")
 
 

@@ -193,7 +193,7 @@ def _storage(tree, dense_bytes: int, layout=None) -> tuple[int, int, int]:
         arrays = jax.tree.leaves(leaf) if _is_qarray(leaf) else [leaf]
         where = [None] * len(arrays) if shardings is None else jax.tree.leaves(shardings[i])
         count += leaf.size if _is_qarray(leaf) else math.prod(leaf.shape)
-        linear = any(getattr(k, "key", getattr(k, "name", None)) in sharding.LINEAR_AXES for k in path)
+        linear = sharding.in_linear_layer(path)
         for x, s in zip(arrays, where):
             width = x.dtype.itemsize if _is_qarray(leaf) else dense_bytes
             here = math.prod(x.shape if s is None else s.shard_shape(x.shape)) * width
@@ -211,8 +211,9 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
 
     On a mesh, per device: ``batch_size`` is the device's rows; ``tensor`` (T) divides the projections' outputs
     (q, k, v, the MLP's) whose width it divides, as their kernels are split, and the attention scores when it
-    divides the query and key-value heads (else the partitioner keeps them whole); the loss computes ``loss_rows`` rows x ``V / vocab_split`` logits per loop step (default: one
-    device's chunk of :data:`~peftjax.train.step.LOSS_CHUNK` rows over the whole vocabulary)."""
+    divides the query and key-value heads (else the partitioner keeps them whole); the loss computes ``loss_rows``
+    rows x ``V / vocab_split`` logits per loop step (default: one device's chunk of
+    :data:`~peftjax.train.step.LOSS_CHUNK` rows over the whole vocabulary)."""
     from peftjax.train.step import LOSS_CHUNK
 
     d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
