@@ -72,3 +72,19 @@ def resolved(a: Interval, b: Interval) -> bool:
 def difference(a: Interval, b: Interval, fmt: str = "{:+.3f}") -> str:
     """``a - b`` of the means and whether the intervals resolve it: ``"+0.120 (resolved)"``."""
     return f"{fmt.format(a.mean - b.mean)} ({'resolved' if resolved(a, b) else 'not resolved'})"
+
+
+def paired(a: dict, b: dict) -> Interval | None:
+    """Interval of ``a[seed] - b[seed]`` over the seeds both rows ran (``{seed: value}`` each): runs of one seed share
+    data order and initialisation, so the seed-to-seed spread that widens each row's own interval cancels. None
+    with fewer than two shared seeds."""
+    shared = [k for k in a if k in b]
+    return interval([a[k] - b[k] for k in shared]) if len(shared) >= 2 else None
+
+
+def paired_text(iv: Interval | None, fmt: str = "{:+.3f}") -> str:
+    """``"-0.051 ± 0.033 (resolved)"``: resolved when the paired interval excludes zero."""
+    if iv is None:
+        return "fewer than two shared seeds"
+    return f"{iv.format(fmt)} ({'resolved' if iv.half is not None and abs(iv.mean) > iv.half else 'not resolved'})"
+

@@ -25,7 +25,7 @@ from peftjax.errors import PeftjaxError
 from peftjax.studies import plots as P
 from peftjax.studies.report import (CI_NOTE, GIB, MIB, fill_generated, group_key, load_results, markdown_table,
                                    without_seed)
-from peftjax.studies.stats import Interval, difference, interval, resolved
+from peftjax.studies.stats import Interval, difference, interval, paired, paired_text, resolved
 
 TABLES: dict[str, Callable] = {}
 
@@ -133,6 +133,12 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         if targets not in target_sets:
             target_sets.append(targets)
         cells.setdefault(int(point["peft.rank"]), {})[targets] = ss
+    by_seed: dict[tuple[int, str], dict] = {}  # (r, targets) -> {seed: held-out loss after}, for paired differences
+    for rec in records:
+        point = rec["point"]
+        targets = str(point.get("name", "")).split(",")[0] or str(point.get("peft.targets"))
+        by_seed.setdefault((int(point["peft.rank"]), targets), {})[point.get("train.seed")] = \
+            rec["summary"]["eval_loss_after"]
     header = ["r"] + [f"{t}: eval loss (trainable params)" for t in target_sets]
     rows = []
     for r in sorted(cells):
@@ -149,6 +155,21 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         ties = [str(r) for r in ivs if r != best and not resolved(ivs[r], ivs[best])]
         lines.append(f"- {t}: lowest loss at r={best}; not resolved from it: "
                      + (f"r={', '.join(ties)}" if ties else "none") + ".")
+    lines.append("\nPaired differences (the two cells' losses seed by seed, whose runs share data order and "
+                 "initialisation; mean ± 95% CI half-width; resolved when the interval excludes 0):")
+    ranks = {t: [r for r in sorted(cells) if t in cells[r]] for t in target_sets}
+    for t in target_sets:
+        if len(ranks[t]) > 1:
+            lo, hi = ranks[t][0], ranks[t][-1]
+            lines.append(f"- {t}: r={hi} - r={lo}: {paired_text(paired(by_seed[hi, t], by_seed[lo, t]))}")
+    if len(target_sets) > 1:
+        a, b = target_sets[:2]
+        lines.append(f"- {b} at r={ranks[b][0]} - {a} at r={ranks[a][-1]}: "
+                     + paired_text(paired(by_seed[ranks[b][0], b], by_seed[ranks[a][-1], a])))
+        common = [r for r in ranks[a] if r in ranks[b]]
+        if common:
+            lines.append(f"- {b} - {a} at r={common[-1]}: "
+                         + paired_text(paired(by_seed[common[-1], b], by_seed[common[-1], a])))
 
     def make(plt):
         fig, ax = P.new_figure(plt, f"{out.name}: held-out loss vs LoRA rank\n({_note(groups)})",
@@ -156,8 +177,9 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         for i, t in enumerate(target_sets):
             ranks = [r for r in sorted(cells) if t in cells[r]]
             ivs = [_iv(cells[r][t], "eval_loss_after") for r in ranks]
-            ax.errorbar(ranks, [v.mean for v in ivs], yerr=[v.half or 0.0 for v in ivs], capsize=3, label=t,
-                        **P.style(i))
+            dodge = 2 ** (0.06 * (i - (len(target_sets) - 1) / 2))  # side by side: error bars do not overlap
+            ax.errorbar([r * dodge for r in ranks], [v.mean for v in ivs], yerr=[v.half or 0.0 for v in ivs],
+                        capsize=3, label=t, **P.style(i))
         ax.axhline(before.mean, color="grey", linestyle="--", label="before training")
         ax.set_xscale("log", base=2)
         P.outside_legend(ax, "targets")

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from peftjax.studies import plots as P
-from peftjax.studies.stats import Interval, difference, interval, resolved, t_quantile
+from peftjax.studies.stats import Interval, difference, interval, paired, paired_text, resolved, t_quantile
 
 
 @pytest.mark.parametrize("df, t975", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
@@ -22,6 +22,18 @@ def test_interval_of_three_seeds():
     assert one.half is None and one.format() == "3.500"
     assert Interval(-0.733, 0.0131, 3).format("{:+.3f}") == "-0.733 ± 0.013"
     assert Interval(23.601, 4e-7, 3).format() == "23.601"  # agree to the printed digits
+
+
+def test_paired_differences_over_the_shared_seeds():
+    a = {0: 3.70, 1: 3.75, 2: 3.80, 3: 9.0}  # seed 3 ran in one row only: left out
+    b = {0: 3.65, 1: 3.69, 2: 3.77}
+    iv = paired(a, b)  # differences 0.05, 0.06, 0.03: mean 0.04667, s = 0.015275
+    assert iv.n == 3 and iv.mean == pytest.approx(0.046667, abs=1e-6)
+    assert iv.half == pytest.approx(4.302653 * 0.0152753 / math.sqrt(3), rel=1e-5)  # 0.0379
+    assert paired_text(iv) == "+0.047 ± 0.038 (resolved)"
+    assert not resolved(interval([3.70, 3.75, 3.80]), interval([3.65, 3.69, 3.77]))  # unpaired: not resolved
+    assert paired_text(paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.0})) == "+0.250 ± 9.530 (not resolved)"
+    assert paired({0: 1.0}, {0: 2.0}) is None and paired_text(None) == "fewer than two shared seeds"
 
 
 def test_resolved_only_when_the_intervals_are_disjoint():

@@ -59,6 +59,11 @@ def test_rank_layout_pivots_targets_and_averages_seeds(tmp_path):
     # three seeds: s = 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 0.248
     assert "| 8 | 4.225 ± 0.248 (800) | 3.225 ± 0.248 (800) |" in text
     assert "attn: lowest loss at r=64; not resolved from it: r=8." in text  # r=1 is 0.98 above: resolved
+    # each seed shifts every cell alike (data order): the paired differences have no spread, so a difference the
+    # rows' own intervals (± 0.248) cannot resolve is resolved seed by seed
+    assert "- attn: r=64 - r=1: -0.984 (resolved)" in text
+    assert "- all at r=1 - attn at r=64: -0.016 (resolved)" in text  # 1 - (1 + 1/64)
+    assert "- all - attn at r=64: -1.000 (resolved)" in text
     assert plots == ["rank_ablation.png"] and (tmp_path / "rank_ablation.png").stat().st_size > 0
 
 
