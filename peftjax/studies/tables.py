@@ -247,7 +247,40 @@ def methods_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
                          f"({_note(groups)})", xlabel="trainable parameters (log scale)",
                          ylabel="held-out loss after training (nats/token)", xlog=True)
 
-    return markdown_table(header, rows) + f"\n\nValues: {CI_NOTE}.", [_plot(out, "methods.png", make)]
+    text = markdown_table(header, rows) + f"\n\nValues: {CI_NOTE}."
+    paired_lines = _paired_against(records, best, ("eval_loss_after", "eval loss after"),
+                                   ("forgetting", "forgetting"))
+    return text + paired_lines, [_plot(out, "methods.png", make)]
+
+
+def _paired_against(records: list[dict], reference: list[dict], *metrics: tuple[str, str]) -> str:
+    """Lines of each row's paired difference to ``reference`` (a group's summaries) in each metric, seed by seed
+    over the seeds both ran (:func:`peftjax.studies.stats.paired`); empty when no row shares two seeds with it."""
+    by_group: dict[tuple, tuple[dict, dict]] = {}  # group key -> (point, {seed: summary})
+    for rec in records:
+        point = rec["point"]
+        by_group.setdefault(group_key(point), (point, {}))[1][point.get("train.seed")] = rec["summary"]
+    ref_key = next(k for k, (_, seeds) in by_group.items() if list(seeds.values()) == reference)
+    ref_point, ref = by_group[ref_key]
+    lines = []
+    for key, (point, seeds) in by_group.items():
+        if key == ref_key:
+            continue
+        parts = []
+        for metric, title in metrics:
+            a = {k: v[metric] for k, v in seeds.items() if v.get(metric) is not None}
+            b = {k: v[metric] for k, v in ref.items() if v.get(metric) is not None}
+            iv = paired(a, b)
+            if iv is not None:
+                parts.append(f"{title} {paired_text(iv)}")
+        if parts:
+            lines.append(f"- {_label(without_seed(point), next(iter(seeds.values())))}: " + "; ".join(parts))
+    if not lines:
+        return ""
+    best = _label(without_seed(ref_point), next(iter(ref.values())))
+    head = (f"\n\nPaired against the best row ({best}), seed by seed over the seeds both ran (runs of one seed "
+            "share data order; mean ± 95% CI half-width; resolved when the interval excludes 0):\n")
+    return head + "\n".join(lines)
 
 
 def write_table(sweep_dir, name: str) -> tuple[str, list[str]]:

@@ -84,6 +84,23 @@ def test_methods_layout(tmp_path):
     text, plots = write_table(tmp_path, "methods")
     assert "| full | 1 | 101,000 (100%) |" in text and "| ia3 | 1 | 50 (0.0495%) |" in text
     assert plots == ["methods.png"]
+    assert "Paired" not in text  # one seed each: no paired difference to give
+
+
+def test_methods_layout_pairs_rows_seed_by_seed(tmp_path):
+    records = []
+    for name, shift, forget in (("full", 0.0, 0.10), ("lora", 0.05, 0.06)):
+        for seed, base in ((0, 3.0), (1, 3.4), (2, 3.2)):  # the seed moves both rows alike (data order)
+            records.append((f"{name},seed={seed}", {"name": f"{name},seed={seed}", "train.seed": seed},
+                            summary(eval_loss_after=base + shift + 0.01 * seed, forgetting=forget + 0.01 * seed)))
+    records.append(("lora,seed=3", {"name": "lora,seed=3", "train.seed": 3}, summary(eval_loss_after=9.0)))
+    write_results(tmp_path, records)
+    text, _ = write_table(tmp_path, "methods")
+    assert "Paired against the best row (full)" in text
+    # seeds 0-2 only (seed 3 ran in one row); differences +0.05 exactly: resolved although the rows' intervals overlap
+    assert "- lora: eval loss after +0.050 (resolved); forgetting -0.040 (resolved)" in text
+    lora_row = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert "(not resolved)" in lora_row  # the rows' own intervals (seed 3's 9.0 included) overlap
 
 
 def test_report_cli_table_option(tmp_path, capsys):
