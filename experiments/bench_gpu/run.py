@@ -195,9 +195,9 @@ def one(args) -> None:
 
 # --- the harness -------------------------------------------------------------------------------------------------
 
-def child(argv: list[str], env: dict | None = None) -> dict:
+def child(argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
+                          cwd=ROOT)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
     for line in reversed(proc.stdout.strip().splitlines()):
@@ -219,7 +219,7 @@ def versions() -> dict:
 
 
 def flops(name: str, seq: int, method: str, rank: int) -> dict:
-    from peftjax.models.loading import config_from_hf
+    from peftjax.models.families import config_from_hf
     from peftjax.studies.bench import flops_per_token
 
     return flops_per_token(config_from_hf(architecture(name), name), seq, method, rank)
@@ -231,7 +231,9 @@ def harness(args) -> None:
         fail(f"missing Python packages: {', '.join(missing)} (install them, or carry their wheels to this machine)")
     models = ["toy"] if args.smoke else args.models.split(",")
     methods = args.methods.split(",")
-    unknown = [m for m in models if m != "toy" and m not in _published()] + [m for m in methods if m not in METHODS]
+    from peftjax.studies.memory import PUBLISHED
+
+    unknown = [m for m in models if m != "toy" and m not in PUBLISHED] + [m for m in methods if m not in METHODS]
     if unknown:
         fail(f"unknown --models / --methods value(s) {', '.join(unknown)}: models are {', '.join(MODELS)} (or any of "
              f"peftjax.studies.memory.PUBLISHED), methods {', '.join(METHODS)}")
@@ -260,12 +262,6 @@ def harness(args) -> None:
                 results["runs"].append(row)
                 out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
-
-
-def _published() -> dict:
-    from peftjax.studies.memory import PUBLISHED
-
-    return PUBLISHED
 
 
 def peak_bf16(device: str) -> float | None:

@@ -45,6 +45,21 @@ def _groups(records: list[dict]) -> list[tuple[dict, list[dict]]]:
     return list(groups.values())
 
 
+def _by_seed(records: list[dict]) -> dict[tuple, dict]:
+    """{group key (:func:`peftjax.studies.report.group_key`): {seed: summary}}: each group's runs by their
+    ``train.seed`` (None where the point names none), the pairs :func:`peftjax.studies.stats.paired` takes."""
+    out: dict[tuple, dict] = {}
+    for r in records:
+        out.setdefault(group_key(r["point"]), {})[r["point"].get("train.seed")] = r["summary"]
+    return out
+
+
+def _paired(seeds_a: dict, seeds_b: dict, metric: str):
+    """:func:`peftjax.studies.stats.paired` of ``metric`` between two groups' {seed: summary}."""
+    return paired(*({k: v[metric] for k, v in seeds.items() if v.get(metric) is not None}
+                    for seeds in (seeds_a, seeds_b)))
+
+
 def _iv(summaries: list[dict], key: str) -> Interval | None:
     values = [s.get(key) for s in summaries]
     return None if any(v is None for v in values) else interval(values)
@@ -124,6 +139,7 @@ def lora_vs_qlora(records: list[dict], out: Path) -> tuple[str, list[str]]:
 @table("rank")
 def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
     cells: dict[int, dict[str, list[dict]]] = {}
+    keys: dict[tuple[int, str], tuple] = {}  # (r, targets) -> the group's key
     target_sets = []
     groups = _groups(records)
     for point, ss in groups:
@@ -133,12 +149,12 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         if targets not in target_sets:
             target_sets.append(targets)
         cells.setdefault(int(point["peft.rank"]), {})[targets] = ss
-    by_seed: dict[tuple[int, str], dict] = {}  # (r, targets) -> {seed: held-out loss after}, for paired differences
-    for rec in records:
-        point = rec["point"]
-        targets = str(point.get("name", "")).split(",")[0] or str(point.get("peft.targets"))
-        by_seed.setdefault((int(point["peft.rank"]), targets), {})[point.get("train.seed")] = \
-            rec["summary"]["eval_loss_after"]
+        keys[int(point["peft.rank"]), targets] = group_key(point)
+    seeds = _by_seed(records)
+
+    def pair(r_a: int, t_a: str, r_b: int, t_b: str) -> str:
+        return paired_text(_paired(seeds[keys[r_a, t_a]], seeds[keys[r_b, t_b]], "eval_loss_after"))
+
     header = ["r"] + [f"{t}: eval loss (trainable params)" for t in target_sets]
     rows = []
     for r in sorted(cells):
@@ -161,24 +177,21 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
     for t in target_sets:
         if len(ranks[t]) > 1:
             lo, hi = ranks[t][0], ranks[t][-1]
-            lines.append(f"- {t}: r={hi} - r={lo}: {paired_text(paired(by_seed[hi, t], by_seed[lo, t]))}")
+            lines.append(f"- {t}: r={hi} - r={lo}: {pair(hi, t, lo, t)}")
     if len(target_sets) > 1:
         a, b = target_sets[:2]
-        lines.append(f"- {b} at r={ranks[b][0]} - {a} at r={ranks[a][-1]}: "
-                     + paired_text(paired(by_seed[ranks[b][0], b], by_seed[ranks[a][-1], a])))
+        lines.append(f"- {b} at r={ranks[b][0]} - {a} at r={ranks[a][-1]}: {pair(ranks[b][0], b, ranks[a][-1], a)}")
         common = [r for r in ranks[a] if r in ranks[b]]
         if common:
-            lines.append(f"- {b} - {a} at r={common[-1]}: "
-                         + paired_text(paired(by_seed[common[-1], b], by_seed[common[-1], a])))
+            lines.append(f"- {b} - {a} at r={common[-1]}: {pair(common[-1], b, common[-1], a)}")
 
     def make(plt):
         fig, ax = P.new_figure(plt, f"{out.name}: held-out loss vs LoRA rank\n({_note(groups)})",
                                "LoRA rank r (log scale)", "held-out loss after training (nats/token)")
         for i, t in enumerate(target_sets):
-            ranks = [r for r in sorted(cells) if t in cells[r]]
-            ivs = [_iv(cells[r][t], "eval_loss_after") for r in ranks]
+            ivs = [_iv(cells[r][t], "eval_loss_after") for r in ranks[t]]
             dodge = 2 ** (0.06 * (i - (len(target_sets) - 1) / 2))  # side by side: error bars do not overlap
-            ax.errorbar([r * dodge for r in ranks], [v.mean for v in ivs], yerr=[v.half or 0.0 for v in ivs],
+            ax.errorbar([r * dodge for r in ranks[t]], [v.mean for v in ivs], yerr=[v.half or 0.0 for v in ivs],
                         capsize=3, label=t, **P.style(i))
         ax.axhline(before.mean, color="grey", linestyle="--", label="before training")
         ax.set_xscale("log", base=2)
@@ -227,7 +240,7 @@ def methods_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
     header = ["Method", "Seeds", "Trainable params", "Frozen weights", "Trainable + optimizer", "Peak RSS", "Step",
               "tokens/s", "Training time", "Eval loss before -> after", "After vs the best"]
     groups = _groups(records)
-    best = min(groups, key=lambda g: _iv(g[1], "eval_loss_after").mean)[1]
+    best_point, best = min(groups, key=lambda g: _iv(g[1], "eval_loss_after").mean)
     rows, points = [], []
     for (point, ss), vs in zip(groups, _versus(groups, best)):
         s = ss[0]
@@ -248,38 +261,29 @@ def methods_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
                          ylabel="held-out loss after training (nats/token)", xlog=True)
 
     text = markdown_table(header, rows) + f"\n\nValues: {CI_NOTE}."
-    paired_lines = _paired_against(records, best, ("eval_loss_after", "eval loss after"),
+    paired_lines = _paired_against(records, groups, group_key(best_point), ("eval_loss_after", "eval loss after"),
                                    ("forgetting", "forgetting"))
     return text + paired_lines, [_plot(out, "methods.png", make)]
 
 
-def _paired_against(records: list[dict], reference: list[dict], *metrics: tuple[str, str]) -> str:
-    """Lines of each row's paired difference to ``reference`` (a group's summaries) in each metric, seed by seed
-    over the seeds both ran (:func:`peftjax.studies.stats.paired`); empty when no row shares two seeds with it."""
-    by_group: dict[tuple, tuple[dict, dict]] = {}  # group key -> (point, {seed: summary})
-    for rec in records:
-        point = rec["point"]
-        by_group.setdefault(group_key(point), (point, {}))[1][point.get("train.seed")] = rec["summary"]
-    ref_key = next(k for k, (_, seeds) in by_group.items() if list(seeds.values()) == reference)
-    ref_point, ref = by_group[ref_key]
+def _paired_against(records: list[dict], groups, reference: tuple, *metrics: tuple[str, str]) -> str:
+    """Lines of each of ``groups``' rows' paired difference to the ``reference`` group (its group key) in each
+    metric, seed by seed over the seeds both ran (:func:`peftjax.studies.stats.paired`); empty when no row shares
+    two seeds with it."""
+    seeds = _by_seed(records)
+    labels = {group_key(point): _label(point, ss[0]) for point, ss in groups}
     lines = []
-    for key, (point, seeds) in by_group.items():
-        if key == ref_key:
+    for key, runs in seeds.items():
+        if key == reference:
             continue
-        parts = []
-        for metric, title in metrics:
-            a = {k: v[metric] for k, v in seeds.items() if v.get(metric) is not None}
-            b = {k: v[metric] for k, v in ref.items() if v.get(metric) is not None}
-            iv = paired(a, b)
-            if iv is not None:
-                parts.append(f"{title} {paired_text(iv)}")
+        parts = [f"{title} {paired_text(iv)}" for metric, title in metrics
+                 if (iv := _paired(runs, seeds[reference], metric)) is not None]
         if parts:
-            lines.append(f"- {_label(without_seed(point), next(iter(seeds.values())))}: " + "; ".join(parts))
+            lines.append(f"- {labels[key]}: " + "; ".join(parts))
     if not lines:
         return ""
-    best = _label(without_seed(ref_point), next(iter(ref.values())))
-    head = (f"\n\nPaired against the best row ({best}), seed by seed over the seeds both ran (runs of one seed "
-            "share data order; mean ± 95% CI half-width; resolved when the interval excludes 0):\n")
+    head = (f"\n\nPaired against the best row ({labels[reference]}), seed by seed over the seeds both ran (runs of "
+            "one seed share data order; mean ± 95% CI half-width; resolved when the interval excludes 0):\n")
     return head + "\n".join(lines)
 
 
