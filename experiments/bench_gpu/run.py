@@ -62,7 +62,13 @@ def fail(message: str) -> None:
 
 
 def missing_modules() -> list[str]:
-    return [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # a dotted name whose parent package is missing
+            return True
+
+    return [m for m in NEEDED if absent(m)]
 
 
 def architecture(name: str) -> dict:
