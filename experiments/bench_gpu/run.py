@@ -153,16 +153,34 @@ def measure_peer(model_dir: Path, method: str, *, batch: int, seq: int, rank: in
             "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
 
 
+VARIANT_KEYS = {"attention": str, "scan_layers": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def parse_variant(text: str) -> dict:
+    """``default`` -> {}; ``attention=xla+scan_layers=true`` -> bench keyword arguments (``model.*`` settings)."""
+    if text == "default":
+        return {}
+    out = {}
+    for part in text.split("+"):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            fail(f"--variants entry {part!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)} (or 'default')")
+        out[key] = VARIANT_KEYS[key](value)
+    return out
+
+
 def measure_peftjax(model_dir: Path, method: str, *, batch: int, seq: int, rank: int, steps: int,
-                    warmup: int) -> dict:
-    """peftjax's jitted training step (:func:`peftjax.studies.bench.bench`) in bfloat16."""
+                    warmup: int, variant: str = "default") -> dict:
+    """peftjax's jitted training step (:func:`peftjax.studies.bench.bench`) in bfloat16, with a variant's
+    settings (:func:`parse_variant`)."""
     import jax
 
     from peftjax.studies.bench import bench
 
     record = bench(model=str(model_dir), method=method, batch=batch, seq=seq, rank=rank,
                    targets=".*" if method == "full" else "all-linear", steps=steps, warmup=warmup,
-                   compute_dtype="bfloat16", param_dtype="bfloat16")
+                   compute_dtype="bfloat16", param_dtype="bfloat16", **parse_variant(variant))
+    record["variant"] = variant
     record["model"] = model_dir.name
     record["device"] = jax.devices()[0].device_kind
     return record
@@ -193,19 +211,29 @@ def one(args) -> None:
     if args.one == "matmul":
         record = matmul_peak()
     else:
-        fn = measure_peer if args.one == "peer" else measure_peftjax
-        record = fn(Path(args.model_dir), args.methods, batch=args.batch, seq=args.seq, rank=args.rank,
-                    steps=args.steps, warmup=args.warmup)
+        kwargs = dict(batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps, warmup=args.warmup)
+        if args.one == "peer":
+            record = measure_peer(Path(args.model_dir), args.methods, **kwargs)
+        else:
+            record = measure_peftjax(Path(args.model_dir), args.methods, variant=args.variants, **kwargs)
     print(json.dumps(record))
 
 
 # --- the harness -------------------------------------------------------------------------------------------------
 
 def child(argv: list[str]) -> dict:
+    t0 = time.perf_counter()
+    record = _child(argv)
+    record["process_wall_s"] = time.perf_counter() - t0  # import, load, compile and steps: what a run costs
+    return record
+
+
+def _child(argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
                           cwd=ROOT)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
+        lines = proc.stderr.strip().splitlines()
+        return {"error": f"exit {proc.returncode}: {lines[-1] if lines else ''}", "stderr_tail": lines[-40:]}
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -231,6 +259,19 @@ def flops(name: str, seq: int, method: str, rank: int) -> dict:
     return flops_per_token(config_from_hf(architecture(name), name), seq, method, rank)
 
 
+def command(argv: list[str]) -> str:
+    """The command line as recorded: ``--out`` names a file of the machine it ran on, so it is left out."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        skip = a == "--out"
+        if not skip:
+            kept.append(a)
+    return " ".join(["python experiments/bench_gpu/run.py", *kept])
+
+
 def harness(args) -> None:
     missing = missing_modules()
     if missing:
@@ -243,30 +284,42 @@ def harness(args) -> None:
     if unknown:
         fail(f"unknown --models / --methods value(s) {', '.join(unknown)}: models are {', '.join(MODELS)} (or any of "
              f"peftjax.studies.memory.PUBLISHED), methods {', '.join(METHODS)}")
+    variants = args.variants.split(",")
+    for v in variants:
+        parse_variant(v)
+    variant_methods = methods if args.variant_methods is None else args.variant_methods.split(",")
+    variant_models = models if args.variant_models is None else args.variant_models.split(",")
     import jax
 
     settings = dict(batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps, warmup=args.warmup)
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    settings["variants"] = variants[0]
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                "machine": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                            "devices": jax.device_count(), "platform": platform.machine()},
                "versions": versions(), "settings": settings, "smoke": args.smoke,
-               "command": "python experiments/bench_gpu/run.py " + " ".join(sys.argv[1:]), "runs": []}
+               "command": command(sys.argv[1:]), "runs": []}
     out = Path(args.out)
     results["matmul"] = child(["--one", "matmul"])
     out.write_text(json.dumps(results, indent=1) + "\n")
-    flags = [f"--{k}={v}" for k, v in settings.items()]
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             model_dir = write_checkpoint(name, Path(tmp))
             for method in methods:
-                row = {"model": name, "method": method, "flops_per_token": flops(name, args.seq, method, args.rank)}
-                for side in ("peer", "peftjax"):
-                    row[side] = child(["--one", side, "--model-dir", str(model_dir), "--methods", method, *flags])
+                row = {"model": name, "method": method, "flops_per_token": flops(name, args.seq, method, args.rank),
+                       "peer": {"error": "not measured (the run stopped first)"},
+                       "peftjax": {"error": "not measured (the run stopped first)"}}
+                results["runs"].append(row)
+                sides = [("peer", "peer", "default"), ("peftjax", "peftjax", variants[0])]
+                sides += [(f"peftjax[{v}]", "peftjax", v) for v in variants[1:]
+                          if method in variant_methods and name in variant_models]
+                for side, who, variant in sides:
+                    row[side] = child(["--one", who, "--model-dir", str(model_dir), "--methods", method,
+                                       "--variants", variant, *flags])
                     print(f"{name} {method} {side}: " + (f"{row[side]['tokens_per_s']:.0f} tokens/s"
                                                        if "tokens_per_s" in row[side] else row[side]["error"]),
                           flush=True)
-                results["runs"].append(row)
-                out.write_text(json.dumps(results, indent=1) + "\n")
+                    out.write_text(json.dumps(results, indent=1) + "\n")  # a run cut short keeps every side
     print(table(results))
 
 
@@ -306,6 +359,23 @@ def table(results: dict) -> str:
             cell(peer, "tokens_per_s", lambda x: f"{x:,.0f}"), ratio, util(ours, sheet), util(ours, measured),
             util(peer, sheet), cell(ours, "device_peak_bytes", gib), cell(peer, "device_peak_bytes", gib),
             cell(ours, "compile_s", lambda x: f"{x:.1f}")]) + " |")
+    extra = [(r, k) for r in results["runs"] for k in r if k.startswith("peftjax[")]
+    if extra:
+        cols = ["model", "method", "peftjax setting", "tokens/s", "vs the first column", "vs HF PEFT", "MFU (sheet)",
+                "device peak", "compile (s)"]
+        lines += ["", f"The same run, other peftjax settings (the peftjax column above is "
+                      f"`{results['settings'].get('variants', 'default')}`):", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r, k in extra:
+            rec, base, peer, f = r[k], r["peftjax"], r["peer"], r["flops_per_token"]["total"]
+            tps = rec.get("tokens_per_s")
+            per = lambda other: (f"{tps / other['tokens_per_s']:.2f}x"  # noqa: E731
+                                 if tps and "tokens_per_s" in other else "-")
+            lines.append("| " + " | ".join([
+                r["model"], r["method"], f"`{k[len('peftjax['):-1]}`", cell(rec, "tokens_per_s", lambda x: f"{x:,.0f}"),
+                per(base), per(peer), f"{tps * f / sheet:.0%}" if tps and sheet else "-",
+                cell(rec, "device_peak_bytes", lambda b: f"{b / 2**30:.2f} GiB"),
+                cell(rec, "compile_s", lambda x: f"{x:.1f}")]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,6 +388,12 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="default",
+                   help="peftjax settings to measure, comma-separated: 'default' or KEY=VALUE joined by '+' "
+                        "(attention=xla, scan_layers=true); the first is the table's peftjax column, the others "
+                        "are rows of the variants table")
+    p.add_argument("--variant-methods", help="methods that get the variants after the first (default: all)")
+    p.add_argument("--variant-models", help="models that get the variants after the first (default: all)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--table", action="store_true", help="print the table of an existing --out")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md")
@@ -340,8 +416,9 @@ def main() -> None:
     if args.readme:
         from peftjax.studies.report import fill_generated
 
-        if not fill_generated(README, "results.json", text):
-            fail(f"{README} has no generated region for results.json")
+        region = Path(args.out).name  # each results file has its own region of the README, named after it
+        if not fill_generated(README, region, text):
+            fail(f"{README} has no generated region for {region}")
 
 
 if __name__ == "__main__":

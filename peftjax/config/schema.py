@@ -35,6 +35,9 @@ class ModelConfig:
     remat: bool = False  # activation checkpointing: recompute activations in the backward pass (saves memory)
     # run alike decoder layers as one lax.scan (one layer compiled instead of num_layers; same results)
     scan_layers: bool = False
+    # decoder attention: "auto" = cuDNN's fused flash attention on an NVIDIA GPU in bfloat16 / float16 where it
+    # applies (plain causal attention), the einsum path otherwise; "xla" = always the einsum path
+    attention: str = "auto"
 
 
 # the label words of the shipped polarity task: " negative" / " positive" each start with one SmolLM2 token
@@ -354,6 +357,8 @@ def validate(config: RunConfig) -> None:
         (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
         (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),
         (config.train.learning_rate > 0, f"train.learning_rate must be > 0, got {config.train.learning_rate}"),
+        (config.model.attention in ("auto", "xla"),
+         f"model.attention must be 'auto' or 'xla', got {config.model.attention!r}"),
         (config.data.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {config.data.task!r}"),
         (config.data.dataset in DATASETS,
          f"data.dataset must be one of {', '.join(DATASETS)}, got {config.data.dataset!r}"),

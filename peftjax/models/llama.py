@@ -221,6 +221,20 @@ def attention_mask(q_positions_T: jax.Array, num_keys: int, window: int | None) 
     return mask
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla")
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention computes in
+
+
+def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, scale: float | None = None,
+                     implementation: str | None = None) -> jax.Array:
+    """Plain causal self-attention through ``jax.nn.dot_product_attention`` (grouped-query heads included): with
+    ``implementation="cudnn"`` the fused flash-attention kernel of cuDNN, which never holds the (T, S) scores
+    (measured in ``experiments/bench_gpu``); ``"xla"`` is the same maths unfused."""
+    H = q_BTNH.shape[-1]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=H ** -0.5 if scale is None else scale,
+                                        is_causal=True, implementation=implementation)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, window: int | None = None):
         c = config
@@ -240,6 +254,16 @@ class Attention(nnx.Module):
         # or None while it is disabled; its ``num_tokens`` is L (0 while disabled). As in Hugging Face, the prefix
         # occupies positions 0..L-1, so the sequence's RoPE positions start at L.
         self.prefix = nnx.data(None)
+        # "auto": cuDNN's fused attention where it applies (:meth:`fused`), else :func:`gqa_attention`; "xla":
+        # always :func:`gqa_attention` (``model.attention`` in a run config; :meth:`LlamaForCausalLM.set_attention`)
+        self.implementation = "auto"
+
+    def fused(self, q: jax.Array, cached: bool, prefixed: bool) -> bool:
+        """Whether this call runs cuDNN's fused kernel: ``implementation`` "auto" on an NVIDIA GPU, bfloat16 or
+        float16 compute, plain causal attention (no KV cache, prefix, sliding window or soft-capping, which the
+        einsum path handles)."""
+        return (self.implementation == "auto" and not cached and not prefixed and self.window is None
+                and self.softcap is None and q.dtype in FUSED_DTYPES and jax.default_backend() == "gpu")
 
     def _heads(self, proj, norm, x_ND, B, T, heads, key):
         """(B, T, heads, hd) projections, each head RMS-normed when the model has q/k norms."""
@@ -272,7 +296,10 @@ class Attention(nnx.Module):
             k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (B, *pk.shape)), k], axis=1)
             v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (B, *pv.shape)), v], axis=1)
             mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], L), bool), mask], axis=-1)
-        out = gqa_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        if self.fused(q, cache_kv is not None, prefix is not None):
+            out = causal_attention(q, k, v, scale=self.scale, implementation="cudnn")
+        else:
+            out = gqa_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B * T, self.num_heads * self.head_dim), sub_key(key, 3)), new_kv
 
 
@@ -417,6 +444,14 @@ class LlamaForCausalLM(nnx.Module):
         # Run the decoder layers as one ``lax.scan`` over their stacked states (one layer compiled, not
         # num_layers) when they are alike; :func:`stack_layers` says when, else the layers run one after another.
         self.scan_layers = False
+
+    def set_attention(self, implementation: str) -> None:
+        """Every layer's attention implementation: "auto" (cuDNN's fused kernel where it applies) or "xla"."""
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise PeftjaxError(f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got "
+                               f"{implementation!r}")
+        for layer in self.layers:
+            layer.self_attn.implementation = implementation
 
     def num_virtual_tokens(self) -> int:
         """Positions that prompt tuning prepends to every sequence (0 without it)."""

@@ -22,17 +22,20 @@ from peftjax.train.probes import device_peak_bytes, warm_up_compiler
 
 def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: int = 256, rank: int = 8,
           targets: str = "all-linear", steps: int = 6, warmup: int = 2, compute_dtype: str = "float32",
-          param_dtype: str | None = None, remat: bool = False, seed: int = 0, mesh: dict | None = None) -> dict:
+          param_dtype: str | None = None, remat: bool = False, seed: int = 0, mesh: dict | None = None,
+          attention: str = "auto", scan_layers: bool = False) -> dict:
     """One JSON-able record: ``method`` is a preset (``qlora`` = NF4 + double quantization, blocks of 64) or a
     registered method; ``param_dtype`` overrides the preset's storage dtype of the unquantized weights; ``mesh``
     (``{"data": 2, "fsdp": 4}``, :mod:`peftjax.sharding`) runs the step over a device mesh (default: every device
-    on ``data``), ``step_device_bytes`` then per device."""
+    on ``data``), ``step_device_bytes`` then per device. ``attention`` and ``scan_layers`` are ``model.attention``
+    and ``model.scan_layers``."""
     if steps < 1 or warmup < 0 or batch < 1 or seq < 2:
         raise PeftjaxError(f"bench needs --steps >= 1, --warmup >= 0, --batch >= 1 and --seq >= 2; got {steps}, "
                            f"{warmup}, {batch}, {seq}")
     config = method_run_config(method, model=model, rank=rank, alpha=2.0 * rank, targets=targets)
     config.model.compute_dtype = compute_dtype
     config.model.remat = remat
+    config.model.attention, config.model.scan_layers = attention, scan_layers
     if param_dtype is not None:
         config.model.param_dtype = param_dtype
     config.train.steps, config.train.batch_size, config.train.learning_rate = steps + warmup, batch, 1e-4
@@ -63,7 +66,8 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
     quant, double_quant = config.quant.describe()
     return {
         "peftjax": "bench", "model": model, "method": method, "peft_method": config.method, "quant": quant,
-        "double_quant": double_quant, "param_dtype": config.model.param_dtype, "remat": remat, "batch": batch,
+        "double_quant": double_quant, "param_dtype": config.model.param_dtype, "remat": remat,
+        "attention": attention, "scan_layers": scan_layers, "batch": batch,
         "seq": seq, "rank": rank, "targets": targets, "median_step_s": median, "tokens_per_s": batch * seq / median,
         "step_device_bytes": memory["total"], "step_temp_bytes": memory["temp"], "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_load_bytes": load_peak, "device_peak_bytes": device_peak_bytes(),

@@ -218,8 +218,8 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
     (q, k, v, the MLP's) whose width it divides, as their kernels are split, and the attention scores when it
     divides the query and key-value heads (else the partitioner keeps them whole); the loss computes ``loss_rows``
     rows x ``V / vocab_split`` logits per loop step (default: one device's chunk of
-    :data:`~peftjax.train.step.LOSS_CHUNK` rows over the whole vocabulary)."""
-    from peftjax.train.step import LOSS_CHUNK
+    :func:`~peftjax.train.step.loss_chunk` rows over the whole vocabulary)."""
+    from peftjax.train.step import loss_chunk
 
     d, ff, kv = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
     q = arch.num_heads * arch.head_dim
@@ -234,7 +234,7 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
     attention = 2 * q / split(q) + 2 * kv / split(kv) + scores
     per_token_layer = norms + attention + 4 * ff / split(ff)
     tokens = batch_size * positions
-    rows = min(tokens, LOSS_CHUNK) if loss_rows is None else loss_rows
+    rows = min(tokens, loss_chunk(arch.vocab_size)) if loss_rows is None else loss_rows
     # the head's float32 logits, their softmax and its gradient, one chunk of tokens at a time (peftjax.train.loss),
     # and the gradient of the final hidden states that the loss keeps for the backward pass
     head = rows * 3 * (arch.vocab_size // vocab_split) * 4 + tokens * d * compute_bytes
@@ -248,10 +248,10 @@ def activation_bytes(arch: LlamaConfig, *, batch_size: int, seq_len: int, comput
 def _mesh_split(arch: LlamaConfig, layout, batch_size: int, positions: int) -> dict:
     """Per-device activation arguments of :func:`activation_bytes` on ``layout``'s mesh: the device's rows (the
     batch split over ``data`` x ``fsdp`` as far as it divides, :meth:`~peftjax.sharding.Layout.batch`), the
-    tensor-parallel width, and the loss's logits per loop step: each device takes LOSS_CHUNK / W of its rows
+    tensor-parallel width, and the loss's logits per loop step: each device takes loss_chunk / W of its rows
     (:mod:`peftjax.train.loss`), the rows of devices that hold different slices of the vocabulary are gathered."""
     from peftjax.sharding import EMBEDDING_AXES, mesh_axes
-    from peftjax.train.step import LOSS_CHUNK
+    from peftjax.train.step import loss_chunk
 
     sizes = layout.mesh.shape
     ways = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
@@ -259,7 +259,7 @@ def _mesh_split(arch: LlamaConfig, layout, batch_size: int, positions: int) -> d
     vocab_axes = mesh_axes(layout.logical_spec((arch.vocab_size, arch.hidden_size),
                                                EMBEDDING_AXES["embed_tokens"])[0])
     rows = batch_size // ways(row_axes)
-    per_step = min(max(LOSS_CHUNK // ways(row_axes), 1), rows * positions)
+    per_step = min(max(loss_chunk(arch.vocab_size) // ways(row_axes), 1), rows * positions)
     return {"batch_size": rows, "tensor": sizes["tensor"], "vocab_split": ways(vocab_axes),
             "loss_rows": per_step * ways(set(row_axes) & set(vocab_axes))}
 

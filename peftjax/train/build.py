@@ -75,6 +75,8 @@ def _build_model(config: RunConfig, base, data, eva_cache):
         raise PeftjaxError(f"data.pooling is for encoders (a classifier head); {config.model.name!r} is a decoder, "
                            "which classifies by verbalizer: remove data.pooling")
     model, eva = _apply_method(model, tokenizer, config, data, eva_cache)
+    if hasattr(model, "set_attention"):
+        model.set_attention(config.model.attention)
     if config.model.scan_layers:
         if isinstance(model, BertModel):
             raise PeftjaxError("model.scan_layers scans decoder layers; an encoder does not use it: set it false")

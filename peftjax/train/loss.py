@@ -94,7 +94,7 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
             dh = d if dh is None else dh + d
             dep = dh[0, 0].astype(jnp.float32)
         if with_dw:
-            dw.append((g[j].T @ h_CD).astype(jnp.float32))
+            dw.append(jnp.matmul(g[j].T, h_CD, preferred_element_type=jnp.float32))
     return total, dh, (dw if with_dw else None)
 
 

@@ -130,3 +130,43 @@ def test_gqa_attention_matches_jax_reference():
     v = jax.random.normal(keys[2], (2, 7, 2, 8))
     ours = gqa_attention(q, k, v, jnp.tril(jnp.ones((7, 7), bool)))
     np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_path_computes_the_einsum_path(monkeypatch):
+    """``model.attention: auto`` routes plain causal attention through ``jax.nn.dot_product_attention`` (cuDNN on
+    a GPU). Here, on CPU, the backend check is made to say GPU and the kernel is XLA's: the model's logits and
+    gradients must be those of the einsum path, and the cases the kernel does not take (float32 compute, a KV
+    cache, ``attention: xla``) must not reach it."""
+    from peftjax.errors import PeftjaxError
+    from peftjax.models import llama
+
+    calls = []
+
+    def xla_kernel(q, k, v, *, scale=None, implementation=None):
+        calls.append((q.dtype, implementation))
+        return llama.jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                                  is_causal=True, implementation="xla")
+
+    model = tiny_model()
+    ids = random_blocks(2, 12)
+    loss = lambda m: jnp.sum(m(ids, compute_dtype=jnp.bfloat16) ** 2)  # noqa: E731
+    plain = model(ids, compute_dtype=jnp.bfloat16)
+    plain_grad = nnx.grad(loss)(model)
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(llama, "causal_attention", xla_kernel)
+    model(ids)  # float32 compute: the einsum path
+    model(ids[:, :3], compute_dtype=jnp.bfloat16, cache=KVCache.empty(model.config, 2, 8, jnp.bfloat16))
+    assert calls == []
+    fused = model(ids, compute_dtype=jnp.bfloat16)
+    assert calls and all(c == (jnp.bfloat16, "cudnn") for c in calls)
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), atol=2e-2)
+    fused_grad = nnx.grad(loss)(model)
+    for a, b in zip(jax.tree.leaves(fused_grad), jax.tree.leaves(plain_grad)):  # bfloat16 rounding, relatively
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
+    calls.clear()
+    model.set_attention("xla")
+    model(ids, compute_dtype=jnp.bfloat16)
+    assert calls == []
+    with pytest.raises(PeftjaxError, match="model.attention must be one of auto, xla, got 'flash'"):
+        model.set_attention("flash")

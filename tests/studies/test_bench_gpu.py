@@ -50,3 +50,17 @@ def test_table_ratios_and_mfu(bench_gpu):
     assert lora[9:] == ["3.00 GiB", "4.00 GiB", "12.0"]
     qlora = [c.strip() for c in lines[5].strip("|").split("|")]
     assert qlora[4] == "- (bitsandbytes is not installed)" and qlora[5] == "-"
+
+
+@pytest.mark.parametrize("name", ["results.json", "results-run1.json"])
+def test_recorded_gpu_tables_regenerate_byte_identically(bench_gpu, name):
+    """The README's tables are written by ``table`` from the committed results of the H200 runs, never typed."""
+    import json
+
+    from peftjax.studies.report import generated_markers
+
+    results = json.loads((RUN.parent / name).read_text())
+    assert results["machine"]["backend"] == "gpu" and not results["smoke"]
+    begin, end = generated_markers(name)
+    region = (RUN.parent / "README.md").read_text().split(begin, 1)[1].split(end, 1)[0].strip()
+    assert region == bench_gpu.table(results).strip()
