@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.matmul import matmul
 from peftjax.models.rope import RopeScaling, apply_rope, rope_cos_sin
 from peftjax.models.spmd import constrain_rows
 
@@ -147,7 +148,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """``key``: the call's randomness (adapter dropout); a plain linear layer has none and ignores it."""
-        y = x @ self.kernel(x.dtype, x)
+        y = matmul(x, self.kernel(x.dtype, x))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)[None, :]
         return y

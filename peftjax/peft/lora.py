@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftjaxError
+from peftjax.models.matmul import matmul
 from peftjax.models.llama import Linear
 from peftjax.peft.hf_format import (HFFormat, HFTensors, adapter_modules, check_unmerged, hf_number, hf_targets,
                                     module_names)
@@ -109,7 +110,7 @@ def lora_delta(x_ND: jax.Array, a_DR: jax.Array, b_RO: jax.Array, scale: float) 
     The scale goes on the small B, not on the (tokens, d_out) output: on CPU, XLA then keeps the add fused with
     the base matmul, and a LoRA layer's forward + backward runs about 30% faster (measured on SmolLM2 shapes).
     """
-    return (x_ND @ a_DR.astype(x_ND.dtype)) @ (b_RO.astype(x_ND.dtype) * scale)
+    return matmul(matmul(x_ND, a_DR.astype(x_ND.dtype)), b_RO.astype(x_ND.dtype) * scale)
 
 
 def lora_weight(a_DR: jax.Array, b_RO: jax.Array, scale: float) -> jax.Array:

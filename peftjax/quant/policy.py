@@ -23,6 +23,7 @@ from flax import nnx
 
 from peftjax.models.llama import Linear, after
 from peftjax.models.loading import load_into, open_checkpoint
+from peftjax.models.matmul import product
 from peftjax.errors import PeftjaxError
 from peftjax.variables import Quantized
 from peftjax.quant import dequantize, fake_quant, quantize
@@ -80,7 +81,7 @@ def fake_quant_kernel(w_DO: jax.Array, fmt: str, *, axis: int | None = None, **k
 def quantized_matmul(x: jax.Array, q) -> jax.Array:
     """x @ W for W stored by :func:`quantize_kernel` (dequantized inside the matmul), differentiable in x; q is a
     constant (the frozen base)."""
-    return x @ dequantize(after(q, x), x.dtype).T
+    return product(x, dequantize(after(q, x), x.dtype).T)
 
 
 def _qmm_fwd(x, q):
@@ -94,7 +95,7 @@ def _zero_cotangent(leaf):
 
 
 def _qmm_bwd(q, g):
-    return g @ dequantize(after(q, g), g.dtype), jax.tree.map(_zero_cotangent, q)
+    return product(g, dequantize(after(q, g), g.dtype)), jax.tree.map(_zero_cotangent, q)
 
 
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)

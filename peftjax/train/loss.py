@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.models.matmul import product_f32
 from peftjax.models.spmd import constrain_rows, row_ways
 
 
@@ -71,7 +72,7 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
     C = h_CD.shape[0]
     parts, dep = [], h_CD[0, 0].astype(jnp.float32)
     for j in range(nv):
-        parts.append((h_CD @ head_slice(j, dep).T).astype(jnp.float32))
+        parts.append(product_f32(h_CD, head_slice(j, dep).T))
         dep = parts[-1][0, 0]
     logits = jnp.stack(parts)  # (nv, C, vc)
     if softcap is not None:
@@ -90,11 +91,12 @@ def _chunk_terms(h_CD, t_C, m_C, head_slice, nv: int, with_dh: bool, with_dw: bo
     dh, dw, dep = None, [], total
     for j in range(nv):
         if with_dh:
-            d = g[j] @ head_slice(j, dep)
+            d = product_f32(g[j], head_slice(j, dep))
             dh = d if dh is None else dh + d
             dep = dh[0, 0].astype(jnp.float32)
         if with_dw:
             dw.append(jnp.matmul(g[j].T, h_CD, preferred_element_type=jnp.float32))
+    dh = None if dh is None else dh.astype(h_CD.dtype)  # summed over the vocabulary slices in float32
     return total, dh, (dw if with_dw else None)
 
 
