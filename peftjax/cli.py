@@ -94,6 +94,7 @@ def cmd_bench(args) -> int:
 
     result = bench(model=args.model, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank,
                    targets=args.targets, steps=args.steps, warmup=args.warmup, param_dtype=args.param_dtype,
+                   compute_dtype=args.compute_dtype,
                    remat=args.remat, mesh=parse_mesh(args.mesh) if args.mesh else None)
     if not args.times:
         result.pop("step_times_s")
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=6)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="storage dtype of the unquantized weights")
+    b.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of activations and matmuls (default float32)")
     b.add_argument("--remat", action="store_true", help="activation checkpointing per decoder layer")
     b.add_argument("--times", action="store_true", help="also print every timed step")
     b.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; = --set mesh.AXIS=N)")

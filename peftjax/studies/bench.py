@@ -66,7 +66,8 @@ def bench(*, model: str = "smollm2", method: str = "lora", batch: int = 4, seq: 
     quant, double_quant = config.quant.describe()
     return {
         "peftjax": "bench", "model": model, "method": method, "peft_method": config.method, "quant": quant,
-        "double_quant": double_quant, "param_dtype": config.model.param_dtype, "remat": remat,
+        "double_quant": double_quant, "param_dtype": config.model.param_dtype,
+        "compute_dtype": compute_dtype, "remat": remat,
         "attention": attention, "scan_layers": scan_layers, "batch": batch,
         "seq": seq, "rank": rank, "targets": targets, "median_step_s": median, "tokens_per_s": batch * seq / median,
         "step_device_bytes": memory["total"], "step_temp_bytes": memory["temp"], "peak_rss_bytes": peak_rss_bytes(),

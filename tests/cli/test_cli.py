@@ -69,3 +69,12 @@ def test_every_method_trains_from_yaml(cli, tiny_args, tmp_path, config, method)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method[0].split("=")[1] and 0 < summary["trainable_params"]
+
+
+def test_bench_reports_the_dtypes_it_ran(cli):
+    proc = cli("bench", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+               "--compute-dtype", "bfloat16", "--param-dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (record["compute_dtype"], record["param_dtype"]) == ("bfloat16", "bfloat16")
+    assert record["tokens_per_s"] > 0 and record["loss"] > 0
