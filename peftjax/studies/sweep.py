@@ -84,8 +84,8 @@ def plan(spec_path: str, out: Path, shard: tuple[int, int] = (0, 1)) -> tuple[di
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise PeftjaxError("two sweep points get the same directory name; give the zip rows distinct names")
-    for point in points:
-        from_dict(base, as_overrides(point))  # unknown keys and bad values fail here, before any run
+    configs = [(point_name(p), from_dict(base, as_overrides(p))) for p in points]  # unknown keys, bad values
+    check_shapes(configs)
     record = yaml.safe_dump({**base, "sweep": section}, sort_keys=True)
     marker = out / "sweep.yaml"
     if marker.exists():
@@ -99,6 +99,29 @@ def plan(spec_path: str, out: Path, shard: tuple[int, int] = (0, 1)) -> tuple[di
         marker.write_text(record)
     index, count = shard
     return base, [p for i, p in enumerate(points) if i % count == index]
+
+
+def check_shapes(configs: list) -> None:
+    """Apply each point's quantization and method to a one-layer, shapes-only copy of its model (no weights are
+    read, nothing is computed), so that a point the model cannot take (a LoRA rank above a targeted layer's width,
+    targets that match nothing) fails the sweep before any point runs, not hours into it. Points whose model's
+    shape is not known without loading it (a .gguf file, an encoder) are left to their own runs."""
+    from peftjax.studies.memory import _abstract_build, architecture
+
+    seen = set()
+    for name, config in configs:
+        key = repr((config.model.name, config.peft, config.quant))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            arch, _ = architecture(config.model.name)
+        except (PeftjaxError, KeyError, ValueError, TypeError):
+            continue
+        try:
+            _abstract_build(arch, 1, config)
+        except PeftjaxError as e:
+            raise PeftjaxError(f"sweep point {name}: {e}") from None
 
 
 def append_result(out: Path, line: dict) -> None:

@@ -43,13 +43,15 @@ def test_sweep_runs_points_resumes_and_reports(cli, play_files, tmp_path):
 
 
 def test_failing_point_is_recorded_and_the_sweep_goes_on(cli, play_files, tmp_path):
-    spec = write_spec(play_files, tmp_path, "sweep:\n  zip: {name: [ok, bad], peft.targets: [all-linear, [nothing_here]]}\n")
+    empty = tmp_path / "empty.txt"  # found out by the point's run (plan checks keys, values and shapes)
+    empty.write_text("")
+    spec = write_spec(play_files, tmp_path, f"sweep:\n  zip: {{name: [ok, bad], data.files: [[{', '.join(map(str, play_files))}], [{empty}]]}}\n")
     out = tmp_path / "sweep"
     proc = cli("sweep", str(spec), "--out", str(out))
     assert proc.returncode == 1
     lines = {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert lines["ok"]["status"] == "ok"
-    assert lines["bad"]["status"] == "failed" and "matches no module" in lines["bad"]["error"]
+    assert lines["bad"]["status"] == "failed" and "every data file is empty" in lines["bad"]["error"]
 
 
 def test_shards_split_the_points(play_files, tmp_path):
@@ -63,6 +65,10 @@ def test_shards_split_the_points(play_files, tmp_path):
     ("sweep:\n  grid: {peft.rnak: [1, 2]}\n", "unknown config key peft.rnak for method 'lora'; did you mean peft.rank?"),
     ("sweep:\n  grid: {peft.rank: []}\n", "must be a non-empty list"),
     ("", "has no sweep section"),
+    # the tiny model's k / v projections are 64 -> 32: rank 48 does not fit them (a shapes-only build says so)
+    ("sweep:\n  grid: {peft.rank: [2, 48]}\n", "sweep point rank=48: .*rank 48"),
+    ("sweep:\n  zip: {name: [ok, bad], peft.targets: [all-linear, [nothing_here]]}\n",
+     "sweep point bad: .*matches no module"),
 ])
 def test_bad_sweeps_fail_before_any_point_runs(play_files, tmp_path, sweep, message):
     spec = write_spec(play_files, tmp_path, sweep)
