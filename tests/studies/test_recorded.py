@@ -15,7 +15,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 TABLES = {"bits_ablation": "bits", "forgetting": "methods", "lora_vs_qlora": "lora-vs-qlora", "methods": "methods",
           "rank_ablation": "rank", "loraplus": "methods",
           "qlora_accuracy": "methods", "quickstart": "lora-vs-qlora", "loftq": "methods",
-          "seed_table": "lora-vs-qlora", "forgetting_full": "methods", "rslora": "rank"}
+          "seed_table": "lora-vs-qlora", "forgetting_full": "methods", "rslora": "rank",
+          "loraplus_lr": "methods"}
 
 
 def _run_module(name: str):
