@@ -19,6 +19,7 @@ import yaml
 
 from peftjax.config.presets import get_preset
 from peftjax.errors import PeftjaxError
+from peftjax.models.llama import ATTENTION_IMPLEMENTATIONS
 from peftjax.peft import LoRAConfig, config_fields, get_method, method_for_config
 from peftjax.quant import get_format
 from peftjax.quant.policy import QuantRule
@@ -357,8 +358,8 @@ def validate(config: RunConfig) -> None:
         (config.train.steps >= 1, f"train.steps must be >= 1, got {config.train.steps}"),
         (config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}"),
         (config.train.learning_rate > 0, f"train.learning_rate must be > 0, got {config.train.learning_rate}"),
-        (config.model.attention in ("auto", "xla"),
-         f"model.attention must be 'auto' or 'xla', got {config.model.attention!r}"),
+        (config.model.attention in ATTENTION_IMPLEMENTATIONS,
+         f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {config.model.attention!r}"),
         (config.data.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {config.data.task!r}"),
         (config.data.dataset in DATASETS,
          f"data.dataset must be one of {', '.join(DATASETS)}, got {config.data.dataset!r}"),

@@ -349,7 +349,7 @@ CASES = [
          "data.forgetting must be one of auto, shakespeare, polarity, off or a .txt file",
          ("train", "{config}", "--out", "{run}", "--set", "data.forgetting=novel"), absent=("run",)),
     Case("attention-unknown", "config", "a model.attention that names no implementation", 2,
-         "model.attention must be 'auto' or 'xla', got 'flash'",
+         "model.attention must be one of auto, xla, got 'flash'",
          ("train", "{config}", "--out", "{run}", "--set", "model.attention=flash"), absent=("run",)),
     Case("forgetting-missing", "data", "a data.forgetting file that does not exist", 2,
          "data.forgetting file", ("train", "{config}", "--out", "{run}", "--set", "data.forgetting={tmp}/nope.txt"),
