@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart")
     q.set_defaults(func=cmd_quickstart)
 
-    b = sub.add_parser("bench", help="time the train step (one JSON line), like ../shared/peer's script")
+    b = sub.add_parser("bench", help="time the train step (one JSON line, the fields of HF PEFT's timing script)")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--method", default="lora", help="a preset (lora, qlora, qlora-fp4, lora-bf16, full, ...) or a "
                                                     "registered method; `peftjax presets` lists them")

@@ -3,18 +3,18 @@
 Usage (from the repo root):
 
     .venv/bin/python experiments/bench_vs_peer/compare.py [--methods lora,qlora,full] \
-        [--batch 4 --seq 256 --rank 8 --steps 6] [--peer-python PYTHON] [--out FILE] [--readme]
+        --peer PEER_SCRIPT [--batch 4 --seq 256 --rank 8 --steps 6] [--peer-python PYTHON] [--out FILE] [--readme]
     .venv/bin/python experiments/bench_vs_peer/compare.py --table [--out FILE] [--readme]
 
 One run measures, each part in its own process: (a) the roofline, XLA's float32 ``x @ W``, ``g @ W^T`` and
-``x^T @ g`` at every distinct linear shape of the model with batch x seq rows (before and after the rest);
-(b) ``peftjax bench`` per method; (c) the peer script (``../shared/peer/hf_peft_step.py``) in float32 and in
-bfloat16, peer float32 / peftjax / peer bfloat16 per method so that drift hits both. It writes every measured
-number to ``--out`` (default: results.json next to this file) and prints the table that
-:func:`peftjax.studies.bench.format_table` makes of it: tokens/s, MFU (achieved FLOP/s over the roofline, FLOPs
-per token from :func:`peftjax.studies.bench.flops_per_token`), the ratio to the peer's faster dtype, step device
-memory and compile time. ``--table`` prints the table of an existing results file; ``--readme`` also rewrites the
-README's section between its markers.
+``x^T @ g`` at every distinct linear shape of the model with batch x seq rows (before and after the rest); (b)
+``peftjax bench`` per method; (c) the peer script (``--peer``: Hugging Face PEFT's timing script,
+``hf_peft_step.py``) in float32 and in bfloat16, peer float32 / peftjax / peer bfloat16 per method so that
+drift hits both. It writes every measured number to ``--out`` (default: results.json next to this file) and
+prints the table that :func:`peftjax.studies.bench.format_table` makes of it: tokens/s, MFU (achieved FLOP/s
+over the roofline, FLOPs per token from :func:`peftjax.studies.bench.flops_per_token`), the ratio to the peer's
+faster dtype, step device memory and compile time. ``--table`` prints the table of an existing results file;
+``--readme`` also rewrites the README's section between its markers.
 
 QLoRA is the same on both sides: NF4, blocks of 64 along the input dimension, double-quantized scales, the rest of
 the base in float32 (the peer's bitsandbytes Linear4bit, peftjax's qlora preset with --param-dtype float32). Full
@@ -37,7 +37,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-PEER = ROOT.parent / "shared" / "peer" / "hf_peft_step.py"
 RESULTS = HERE / "results.json"
 README = HERE / "README.md"
 METHODS = ("lora", "qlora", "full")
@@ -98,6 +97,8 @@ def roofline_main(tokens: int) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peer", type=Path, help="the peer's timing script (hf_peft_step.py: Hugging Face PEFT on the "
+                   "same model, run with --method / --batch / --seq / --rank / --steps / --dtype)")
     p.add_argument("--peer-python", default=sys.executable, help="the interpreter that runs the peer script")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--peer-dtypes", default=",".join(PEER_DTYPES), help="the peer's settings, of float32, bfloat16")
@@ -131,7 +132,7 @@ def write_readme(table: str) -> None:
 
 def run_peer(a, gguf, method: str, dtype: str) -> dict:
     print(f"{method}: HF PEFT {dtype}", file=sys.stderr, flush=True)
-    return run([a.peer_python, str(PEER), str(gguf.parent), gguf.name, "--method", method, "--batch", str(a.batch),
+    return run([a.peer_python, str(a.peer), str(gguf.parent), gguf.name, "--method", method, "--batch", str(a.batch),
                 "--seq", str(a.seq), "--r", str(a.rank), "--targets", "all-linear", "--steps", str(a.steps),
                 "--dtype", dtype])
 
@@ -174,7 +175,7 @@ def measure(a, peer_versions: dict) -> dict:
         "settings": {"model": "smollm2", "batch": a.batch, "seq": a.seq, "rank": a.rank, "targets": "all-linear",
                      "full_targets": ".*", "steps": a.steps, "warmup": WARMUP, "peftjax_dtype": "float32",
                      "peer_dtypes": a.peer_dtypes, "peer_python": relative(a.peer_python),
-                     "peer_script": "../shared/peer/hf_peft_step.py"},
+                     "peer_script": a.peer.name},
         "architecture": {k: getattr(arch, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                        "num_layers", "num_heads", "num_kv_heads", "head_dim")},
         "roofline": {"runs": [first["matmuls"], last["matmuls"]], "when": ["before", "after"]},
@@ -204,8 +205,10 @@ def main(argv=None) -> int:
             fail(f"no results file {a.out}; run the harness first")
         results = json.loads(a.out.read_text())
     else:
-        if not PEER.is_file():
-            fail(f"the peer script {os.path.relpath(PEER, ROOT)} is missing (see ../shared/peer/README.md)")
+        if a.peer is None:
+            fail("pass --peer PATH: the Hugging Face PEFT timing script (hf_peft_step.py) to measure against")
+        if not a.peer.is_file():
+            fail(f"--peer {a.peer} is not a file; pass the path of the peer's timing script (hf_peft_step.py)")
         if shutil.which(a.peer_python) is None:
             fail(f"--peer-python {a.peer_python} is not an executable")
         try:

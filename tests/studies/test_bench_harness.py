@@ -131,11 +131,11 @@ def load_compare():
 @pytest.mark.parametrize("args,message", [
     (["--methods", "lora,lokr"], "unknown or missing --methods / --peer-dtypes lokr"),
     (["--peer-dtypes", "float16"], "unknown or missing --methods / --peer-dtypes float16"),
-    (["--methods", "lora"], "hf_peft_step.py is missing (see "),
+    (["--methods", "lora"], "pass --peer PATH: the Hugging Face PEFT timing script"),
+    (["--methods", "lora", "--peer", "missing/hf_peft_step.py"], "--peer missing/hf_peft_step.py is not a file"),
 ])
 def test_usage_errors_are_one_line_with_status_2(args, message, monkeypatch, capsys, tmp_path):
     compare = load_compare()
-    monkeypatch.setattr(compare, "PEER", tmp_path / "peer" / "hf_peft_step.py")  # a peer script that is not there
     with pytest.raises(SystemExit) as exit_:
         compare.main([*args, "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
