@@ -178,10 +178,10 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
         if len(ranks[t]) > 1:
             lo, hi = ranks[t][0], ranks[t][-1]
             lines.append(f"- {t}: r={hi} - r={lo}: {pair(hi, t, lo, t)}")
-    if len(target_sets) > 1:
-        a, b = target_sets[:2]
+    a = target_sets[0]
+    for b in target_sets[1:]:  # every other column against the first: its lowest rank vs the first's highest, and
         lines.append(f"- {b} at r={ranks[b][0]} - {a} at r={ranks[a][-1]}: {pair(ranks[b][0], b, ranks[a][-1], a)}")
-        common = [r for r in ranks[a] if r in ranks[b]]
+        common = [r for r in ranks[a] if r in ranks[b]]  # the two at the highest rank both ran
         if common:
             lines.append(f"- {b} - {a} at r={common[-1]}: {pair(common[-1], b, common[-1], a)}")
 
