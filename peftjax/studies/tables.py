@@ -195,7 +195,7 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
                         capsize=3, label=t, **P.style(i))
         ax.axhline(before.mean, color="grey", linestyle="--", label="before training")
         ax.set_xscale("log", base=2)
-        P.outside_legend(ax, "targets")
+        P.outside_legend(ax, "configuration")
         return fig
 
     return markdown_table(header, rows) + "\n\n" + "\n".join(lines), [_plot(out, "rank_ablation.png", make)]
