@@ -80,7 +80,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     detail = []
     if "cpu family" in fields and "model" in fields:
         detail.append(f"family {fields['cpu family']} model {fields['model']}")
-    detail += [next(f for f in CPU_EXTENSIONS if f in flags)] if flags & set(CPU_EXTENSIONS) else []
+    detail += [f for f in CPU_EXTENSIONS if f in flags][:1]  # the widest one
     return f"{name} ({', '.join(detail)})" if detail else name
 
 
