@@ -179,9 +179,9 @@ def rank_table(records: list[dict], out: Path) -> tuple[str, list[str]]:
             lo, hi = ranks[t][0], ranks[t][-1]
             lines.append(f"- {t}: r={hi} - r={lo}: {pair(hi, t, lo, t)}")
     a = target_sets[0]
-    for b in target_sets[1:]:  # every other column against the first: its lowest rank vs the first's highest, and
+    for b in target_sets[1:]:  # each later column against the first: its lowest rank vs the first's highest
         lines.append(f"- {b} at r={ranks[b][0]} - {a} at r={ranks[a][-1]}: {pair(ranks[b][0], b, ranks[a][-1], a)}")
-        common = [r for r in ranks[a] if r in ranks[b]]  # the two at the highest rank both ran
+        common = [r for r in ranks[a] if r in ranks[b]]  # and the two at the highest rank both ran
         if common:
             lines.append(f"- {b} - {a} at r={common[-1]}: {pair(common[-1], b, common[-1], a)}")
 

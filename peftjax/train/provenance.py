@@ -66,7 +66,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return platform.processor() or platform.machine()
+            cpuinfo = ""  # no /proc: the platform's name below, nothing to add
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
