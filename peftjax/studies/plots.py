@@ -14,6 +14,8 @@ from peftjax.studies.stats import Interval
 
 _PLOT_NOTE_SHOWN = False
 MARKERS = "osD^vPX*<>"
+# tab20's light shades of the ten default colours (C0 ... C9), in their order
+LIGHT = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
 
 
 def pyplot():
@@ -63,8 +65,10 @@ def seed_note(seed_counts) -> str:
 
 
 def style(i: int) -> dict:
-    """A distinct colour and marker per series: ten colours, then the next marker."""
-    return {"color": f"C{i % 10}", "marker": MARKERS[(i // 10) % len(MARKERS)]}
+    """A distinct colour and marker per series: matplotlib's ten default colours, then their light shades (tab20's
+    odd entries) with the next marker, so series i and i + 10 differ in shade as well as in shape."""
+    shade = (i // 10) % 2
+    return {"color": LIGHT[i % 10] if shade else f"C{i % 10}", "marker": MARKERS[(i // 10) % len(MARKERS)]}
 
 
 def new_figure(plt, title: str, xlabel: str, ylabel: str, width: float = 7.5, height: float = 4.5):

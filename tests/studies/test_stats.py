@@ -75,3 +75,14 @@ def test_scatter_labels_points_that_coincide_without_overlap():
     assert not ax.texts  # no label drawn on the axes
     assert _overlaps(fig) == []
     plt.close(fig)
+
+
+def test_twenty_series_get_twenty_colours_and_distinct_styles():
+    # The methods plot has 16 series: with ten colours cycled, series i and i + 10 (adalora / olora) looked alike
+    import matplotlib.colors as mcolors
+
+    styles = [P.style(i) for i in range(20)]
+    colours = [mcolors.to_hex(s["color"]) for s in styles]
+    assert len(set(colours)) == 20
+    assert len({(c, s["marker"]) for c, s in zip(colours, styles)}) == 20
+    assert all(styles[i]["marker"] != styles[i + 10]["marker"] for i in range(10))
