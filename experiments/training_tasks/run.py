@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 KEYS = ("steps", "tokens_seen", "padded_tokens_seen", "trainable_params", "checkpoint_bytes",
         "checkpoint_trainable_bytes", "eval_loss_before", "eval_loss_after",
         "eval_ppl_before", "eval_ppl_after", "eval_accuracy_before", "eval_accuracy_after", "train_loss_first",
-        "train_loss_last", "median_step_s", "tokens_per_s", "nonfinite_skipped", "eval_blocks", "wall_s")
+        "train_loss_last", "median_step_s", "tokens_per_s", "padded_tokens_per_s", "nonfinite_skipped", "eval_blocks",
+        "wall_s", "provenance")
 
 
 def sft_records(path: Path) -> Path:
@@ -77,7 +78,8 @@ def main():
     table_text = table(results)
     text = (f"{table_text}\n\n`load_run({out / 'sft'})` rebuilt the model and restored the checkpoint in "
             f"{load_s:.1f} s.\n"
-            f"Backend {results['sft']['backend']}, jax {results['sft']['jax_version']}.\n")
+            f"Backend {results['sft']['backend']}, jax {results['sft']['jax_version']}, CPU "
+            f"{results['sft']['provenance']['cpu']}, git {results['sft']['provenance']['git']['commit'][:12]}.\n")
     print(text)
     (HERE / "results.md").write_text(text)
     recorded = {k: {key: v.get(key) for key in KEYS} for k, v in results.items()}
