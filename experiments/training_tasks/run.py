@@ -8,6 +8,7 @@ checkpoints/); then `load_run` restores the SFT run for a greedy answer to a hel
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def sft_records(path: Path) -> Path:
 
 
 def train(config: str, out: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "peftjax.cli", "train", str(HERE / config), "--out", str(out), "--overwrite",
+    spec = os.path.relpath(HERE / config)  # the command lands in the summary's provenance: no machine's path
+    cmd = [sys.executable, "-m", "peftjax.cli", "train", spec, "--out", str(out), "--overwrite",
            "--no-progress", *[a for o in overrides for a in ("--set", o)]]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)

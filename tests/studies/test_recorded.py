@@ -3,6 +3,7 @@ results are the source; the markdown, CSV and the README's tables are derived, n
 test regenerates them byte for byte."""
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,15 @@ def test_every_study_spec_is_valid_and_sweeps_three_seeds(tmp_path, spec):
         rest = tuple(sorted((k, str(v)) for k, v in point.items() if k not in (*replicates, "name")))
         rows.setdefault(rest, set()).add(tuple(point.get(k) for k in replicates))
     assert all(len(seeds) >= 3 for seeds in rows.values()), f"{spec}: a row has fewer than 3 seeds or folds"
+
+
+MACHINE_PATH = re.compile(r"(?<![\w.])/(tmp|work|home|root|Users|mnt|var/folders)/")
+
+
+def test_recorded_files_name_no_path_of_the_machine_that_ran_them():
+    # Raw results carry commands, checkpoint and run directories: a sweep run with --out /tmp/x records /tmp/x
+    # until its lines are rewritten to runs/...; a committed study must read the same on any clone
+    found = [f"{p.relative_to(EXPERIMENTS)}:{n}: {line.strip()[:120]}"
+             for p in sorted(EXPERIMENTS.rglob("*")) if p.suffix in {".md", ".json", ".jsonl", ".csv", ".yaml", ".py"}
+             for n, line in enumerate(p.read_text().splitlines(), 1) if MACHINE_PATH.search(line)]
+    assert found == []
