@@ -63,6 +63,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plots(results: list[dict]) -> list[str]:
+    """Held-out error rate (1 - accuracy, lower is better, so the Pareto front minimises both axes) against step
+    device memory and against training time per fold, mean ± 95% CI over the folds; PNGs beside this script."""
+    from peftjax.studies import plots as P
+    from peftjax.studies.stats import interval
+
+    plt = P.pyplot()
+    if plt is None:
+        return []
+    by_method = {m: [r for r in results if r["method"] == m] for m in METHODS}
+    by_method = {m: rows for m, rows in by_method.items() if rows}
+    folds = P.seed_note(len(rows) for rows in by_method.values()).replace("seeds", "folds")
+    written = []
+    for key, unit, name, what in (("step_device_bytes", 2**20, "quality_vs_memory.png", "step device memory (MiB)"),
+                                  ("train_s", 1.0, "quality_vs_time.png", "training time per fold (s)")):
+        points = [P.Point(LABELS[m], interval([r[key] / unit for r in rows]),
+                          interval([1.0 - r["eval_accuracy_after"] for r in rows])) for m, rows in by_method.items()]
+        fig = P.scatter(plt, points, title=f"encoder classification (all-MiniLM-L6-v2, polarity): error rate vs "
+                        f"{what.split(' (')[0]}\n({folds})", xlabel=what,
+                        ylabel="held-out error rate (1 - accuracy)")
+        written.append(P.save(plt, fig, HERE / name))
+    return written
+
+
 def main() -> None:
     from peftjax.studies.report import fill_generated
 
@@ -74,6 +98,8 @@ def main() -> None:
     text = table(json.loads((HERE / "results.json").read_text()))
     fill_generated(HERE / "README.md", "table.md", text)
     print(text)
+    for name in plots(json.loads((HERE / "results.json").read_text())):
+        print(f"wrote {name}")
 
 
 if __name__ == "__main__":
