@@ -54,7 +54,8 @@ def table(results: dict) -> str:
         rows.append(f"| {task} | {s['steps']} | {tokens} | {s['eval_loss_before']:.3f} -> "
                     f"{s['eval_loss_after']:.3f} | {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f} | {acc} "
                     f"| {s['median_step_s']:.2f} s | {s['checkpoint_bytes'] / 2**20:.1f} MiB |")
-    return ("| task | steps | target tokens seen | held-out loss (masked) | perplexity | accuracy | median step "
+    return ("| task | steps | tokens seen (non-padding of capacity) | held-out loss (masked) | perplexity | accuracy "
+            "| median step "
             "| checkpoint |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
