@@ -18,7 +18,8 @@ METHODS = ["full", "lora", "qlora", "ia3", "prompt"]
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (all linear)", "qlora": "QLoRA r=8 (NF4 + DQ)",
           "ia3": "IA3 (key, value, output.dense)", "prompt": "prompt tuning (8 tokens)"}
 FIELDS = ("eval_accuracy_before", "eval_accuracy_after", "eval_loss_after", "trainable_params", "frozen_bytes",
-          "trainable_bytes", "step_device_bytes", "peak_rss_bytes", "median_step_s", "train_s")
+          "trainable_bytes", "step_device_bytes", "peak_rss_bytes", "median_step_s", "train_s",
+          "provenance")  # the committed results.json was collected before provenance was copied: it has none
 
 
 def collect(runs: Path) -> list[dict]:
