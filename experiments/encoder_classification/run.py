@@ -96,10 +96,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs is not None:
         (HERE / "results.json").write_text(json.dumps(collect(args.runs), indent=1) + "\n")
-    text = table(json.loads((HERE / "results.json").read_text()))
+    results = json.loads((HERE / "results.json").read_text())
+    text = table(results)
     fill_generated(HERE / "README.md", "table.md", text)
     print(text)
-    for name in plots(json.loads((HERE / "results.json").read_text())):
+    for name in plots(results):
         print(f"wrote {name}")
 
 

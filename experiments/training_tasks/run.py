@@ -55,8 +55,7 @@ def table(results: dict) -> str:
                     f"{s['eval_loss_after']:.3f} | {s['eval_ppl_before']:.2f} -> {s['eval_ppl_after']:.2f} | {acc} "
                     f"| {s['median_step_s']:.2f} s | {s['checkpoint_bytes'] / 2**20:.1f} MiB |")
     return ("| task | steps | tokens seen (non-padding of capacity) | held-out loss (masked) | perplexity | accuracy "
-            "| median step "
-            "| checkpoint |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| median step | checkpoint |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def main():
